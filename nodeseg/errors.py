@@ -1,0 +1,48 @@
+"""Errors that reach the user as one line: what is wrong, where, and how to fix it."""
+
+from __future__ import annotations
+
+import os
+
+
+class NodesegError(Exception):
+    """Base class: the CLI prints ``str(err)`` on one line and exits non-zero."""
+
+    exit_code = 2
+
+
+class InputError(NodesegError, ValueError):
+    """A file or folder given by the user is malformed."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class ConfigError(NodesegError, ValueError):
+    """params.yaml (or a stage argument) holds an unknown key or a bad value."""
+
+
+class SolverError(NodesegError, RuntimeError):
+    """An ODE solve ran away: step cap, NFE cap or step-size underflow."""
+
+    exit_code = 3
+
+
+class TrainingDiverged(NodesegError, RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+    exit_code = 3
+
+
+class StorageError(NodesegError, OSError):
+    """Reading or writing a local path or an s3:// URL failed after retries."""
+
+    exit_code = 4
+
+
+def check_arg(ok: bool, name: str, value: object, expected: str) -> None:
+    """Raise ``ValueError`` naming the argument, the bad value and what was expected."""
+    if not ok:
+        raise ValueError(f"argument {name!r} must be {expected}, got {value!r}")

@@ -1,0 +1,41 @@
+"""Shared fixtures: one torch thread, fixed seeds, the optional real-data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """The real-data folder: $NODESEG_TEST_DATA, else ../shared/data from the repository root."""
+    env = os.environ.get("NODESEG_TEST_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO.parent / "shared" / "data")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+@pytest.fixture
+def kits19_labels_dir() -> Path:
+    """The 210 real KiTS19 label volumes, or a skip with the reason."""
+    root = shared_data_dir()
+    if root is None or not (root / "kits19-interpolated").is_dir():
+        pytest.skip("real KiTS19 labels absent: set NODESEG_TEST_DATA or provide ../shared/data/kits19-interpolated")
+    return root / "kits19-interpolated"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)
