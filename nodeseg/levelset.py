@@ -1,0 +1,150 @@
+"""Level-set representation of masks: signed distance, narrow band, saliency and zero contours.
+
+Sign convention (docs/architecture.md): φ < 0 inside, φ > 0 outside, the boundary half a pixel outside
+the last foreground pixel, so a pixel is foreground iff φ < 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TypeVar
+
+import numpy as np
+import torch
+from scipy.ndimage import distance_transform_edt
+from scipy.special import expit
+from skimage.measure import find_contours
+
+from nodeseg.errors import check_arg
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+
+__all__ = [
+    "narrow_band",
+    "saliency_from_phi",
+    "signed_distance",
+    "signed_distance_batch",
+    "zero_contours",
+]
+
+
+def _first_non_binary(a: np.ndarray) -> object | None:
+    """The first value of ``a`` that is neither 0 nor 1 (NaN included), or None."""
+    if a.dtype == np.bool_:
+        return None
+    bad = ~((a == 0) | (a == 1))
+    if not bad.any():
+        return None
+    return a.flat[int(np.argmax(bad.ravel()))].item()
+
+
+def _as_binary_mask(mask: object, name: str, ndim: int) -> np.ndarray:
+    """``mask`` as a bool array of ``ndim`` dimensions; ValueError naming ``name`` otherwise."""
+    a = np.asarray(mask)
+    check_arg(a.ndim == ndim, name, f"array of shape {a.shape}", f"a {ndim}-D array")
+    check_arg(a.size > 0, name, f"array of shape {a.shape}", "a non-empty array")
+    check_arg(
+        a.dtype == np.bool_ or np.issubdtype(a.dtype, np.number),
+        name,
+        f"array of dtype {a.dtype}",
+        "bool or numeric with values 0 and 1",
+    )
+    bad = _first_non_binary(a)
+    check_arg(bad is None, name, bad, "binary (bool, or numbers that are all 0 or 1)")
+    return a.astype(bool, copy=False)
+
+
+def _is_positive_number(x: object) -> bool:
+    ok = isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool | np.bool_)
+    return ok and math.isfinite(x) and x > 0  # type: ignore[arg-type, operator]
+
+
+def _check_spacing(spacing: Sequence[float] | None) -> tuple[float, float]:
+    if spacing is None:
+        return (1.0, 1.0)
+    ok = (
+        isinstance(spacing, Sequence | np.ndarray)
+        and len(spacing) == 2
+        and all(map(_is_positive_number, spacing))
+    )
+    check_arg(ok, "spacing", spacing, "None or (row, col) with two positive finite numbers")
+    return (float(spacing[0]), float(spacing[1]))
+
+
+def _check_positive(value: float, name: str) -> float:
+    check_arg(_is_positive_number(value), name, value, "a positive finite number")
+    return float(value)
+
+
+def signed_distance(
+    mask: np.ndarray, spacing: tuple[float, float] | None = None, clip: float = 32.0
+) -> np.ndarray:
+    """Signed distance φ (float32, same shape) of a 2-D binary mask: φ < 0 inside, φ > 0 outside.
+
+    φ = EDT(background) − h on background pixels and −(EDT(foreground) − h) on foreground pixels, with
+    ``scipy.ndimage.distance_transform_edt`` (``sampling=spacing`` when given, so φ is then in the units
+    of ``spacing``) and h = ½·min(spacing) (½ pixel without spacing), which keeps ``mask == (φ < 0)``
+    for any spacing. Clipped to ±``clip``; an empty mask gives +clip everywhere, a full one −clip.
+    """
+    fg = _as_binary_mask(mask, "mask", 2)
+    sampling = _check_spacing(spacing)
+    clip = _check_positive(clip, "clip")
+    if not fg.any():
+        return np.full(fg.shape, clip, dtype=np.float32)
+    if fg.all():
+        return np.full(fg.shape, -clip, dtype=np.float32)
+    half = 0.5 * min(sampling)
+    kw = {"sampling": sampling} if spacing is not None else {}
+    outside = distance_transform_edt(~fg, **kw)  # distance of background pixels to the nearest foreground
+    inside = distance_transform_edt(fg, **kw)  # distance of foreground pixels to the nearest background
+    phi = np.where(fg, half - inside, outside - half)
+    return np.clip(phi, -clip, clip).astype(np.float32)
+
+
+def signed_distance_batch(
+    masks: np.ndarray, spacing: tuple[float, float] | None = None, clip: float = 32.0
+) -> np.ndarray:
+    """:func:`signed_distance` of each mask of a ``(B, H, W)`` or ``(B, 1, H, W)`` stack; same shape."""
+    a = np.asarray(masks)
+    ok = a.ndim == 3 or (a.ndim == 4 and a.shape[1] == 1)
+    check_arg(ok, "masks", f"array of shape {a.shape}", "an array of shape (B, H, W) or (B, 1, H, W)")
+    flat = a.reshape((a.shape[0], *a.shape[-2:]))
+    out = np.empty(flat.shape, dtype=np.float32)
+    for i, m in enumerate(flat):
+        out[i] = signed_distance(m, spacing=spacing, clip=clip)
+    return out.reshape(a.shape)
+
+
+def narrow_band(phi: ArrayT, width: float = 1.0) -> ArrayT:
+    """tanh(φ / width): the level set squashed to (−1, 1), saturated away from the boundary."""
+    width = _check_positive(width, "width")
+    if isinstance(phi, torch.Tensor):
+        return torch.tanh(phi / width)
+    check_arg(isinstance(phi, np.ndarray), "phi", type(phi).__name__, "a numpy array or a torch tensor")
+    return np.tanh(phi / width)
+
+
+def saliency_from_phi(phi: ArrayT, width: float = 1.0) -> ArrayT:
+    """(1 − tanh(φ / width)) / 2 ∈ [0, 1]: foreground probability, > ½ where φ < 0.
+
+    Computed as sigmoid(−2φ / width), the same function without the cancellation of 1 − tanh.
+    """
+    width = _check_positive(width, "width")
+    if isinstance(phi, torch.Tensor):
+        return torch.sigmoid(phi * (-2.0 / width))
+    check_arg(isinstance(phi, np.ndarray), "phi", type(phi).__name__, "a numpy array or a torch tensor")
+    return expit(phi * (-2.0 / width))
+
+
+def zero_contours(phi: np.ndarray) -> list[np.ndarray]:
+    """The zero level set of a 2-D φ as ``(N, 2)`` (row, col) polylines (skimage ``find_contours``)."""
+    a = np.asarray(phi)
+    check_arg(a.ndim == 2, "phi", f"array of shape {a.shape}", "a 2-D array")
+    check_arg(
+        np.issubdtype(a.dtype, np.number) and bool(np.isfinite(a).all()),
+        "phi",
+        f"array of dtype {a.dtype}",
+        "finite numbers",
+    )
+    return find_contours(a.astype(np.float64, copy=False), 0.0)

@@ -1,0 +1,131 @@
+"""narrow_band_mse against a float64 numpy reference; masking, empty masks and gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nodeseg.losses import narrow_band_mse
+
+
+def _reference(
+    pred: np.ndarray, true: np.ndarray, valid: np.ndarray | None, width: float
+) -> tuple[float, np.ndarray]:
+    """Pooled and per-sample valid-pixel means, written out with explicit loops over samples."""
+    pred, true = pred.astype(np.float64), true.astype(np.float64)
+    v = np.ones_like(pred, dtype=bool) if valid is None else valid.astype(bool)
+    sq = (np.tanh(pred / width) - np.tanh(true / width)) ** 2
+    per_sample = np.array([sq[b][v[b]].mean() if v[b].any() else 0.0 for b in range(pred.shape[0])])
+    pooled = sq[v].sum() / max(int(v.sum()), 1)
+    return float(pooled), per_sample
+
+
+def _inputs(seed: int, shape: tuple[int, ...] = (3, 1, 9, 11)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pred = rng.normal(0, 3, shape).astype(np.float32)
+    true = rng.normal(0, 3, shape).astype(np.float32)
+    valid = np.zeros(shape, dtype=bool)
+    valid[0] = True
+    valid[1, :, :6, :8] = True  # padded on two sides, as a crop would be
+    valid[2] = rng.random(shape[1:]) < 0.3
+    return pred, true, valid
+
+
+@pytest.mark.parametrize("width", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("use_valid", [False, True])
+def test_matches_numpy_reference(width: float, use_valid: bool) -> None:
+    pred, true, valid = _inputs(0)
+    v = valid if use_valid else None
+    pooled, per_sample = _reference(pred, true, v, width)
+    tv = torch.from_numpy(v) if v is not None else None
+    got = narrow_band_mse(torch.from_numpy(pred), torch.from_numpy(true), tv, width)
+    assert got.shape == () and got.dtype == torch.float32
+    assert float(got) == pytest.approx(pooled, rel=1e-5)
+    got_none = narrow_band_mse(torch.from_numpy(pred), torch.from_numpy(true), tv, width, reduction="none")
+    assert got_none.shape == (3,)
+    np.testing.assert_allclose(got_none.numpy(), per_sample, rtol=1e-5)
+    if use_valid:  # pooled ≠ mean of per-sample means when counts differ: the pooling is real
+        assert abs(pooled - per_sample.mean()) > 1e-3
+    # float valid masks (0/1) behave like bool ones
+    if v is not None:
+        got_f = narrow_band_mse(
+            torch.from_numpy(pred), torch.from_numpy(true), torch.from_numpy(v.astype(np.float32)), width
+        )
+        assert float(got_f) == pytest.approx(float(got), rel=1e-6)
+
+
+def test_masked_pixels_change_nothing_and_get_no_gradient() -> None:
+    pred, true, valid = _inputs(1)
+    tv = torch.from_numpy(valid)
+    p1 = torch.from_numpy(pred).requires_grad_()
+    loss1 = narrow_band_mse(p1, torch.from_numpy(true), tv)
+    loss1.backward()
+    # garbage (including NaN and inf) on the padded pixels of both φ
+    pred2, true2 = pred.copy(), true.copy()
+    pred2[~valid] = np.nan
+    true2[~valid] = np.inf
+    pred2.flat[np.flatnonzero(~valid)[::2]] = 1e6
+    p2 = torch.from_numpy(pred2).requires_grad_()
+    loss2 = narrow_band_mse(p2, torch.from_numpy(true2), tv)
+    loss2.backward()
+    assert torch.isfinite(loss2) and loss2.item() == loss1.item()
+    assert p1.grad is not None and p2.grad is not None
+    assert torch.equal(p1.grad, p2.grad)
+    assert bool((p2.grad[~tv] == 0).all())
+    assert float(p2.grad[tv].abs().max()) > 0
+    # per-sample reduction: a sample's masked pixels don't leak either
+    l_none = narrow_band_mse(p2, torch.from_numpy(true2), tv, reduction="none")
+    assert bool(torch.isfinite(l_none).all())
+
+
+def test_all_invalid_gives_zero_not_nan() -> None:
+    pred, true, _ = _inputs(2)
+    p = torch.from_numpy(pred).requires_grad_()
+    none_valid = torch.zeros(pred.shape, dtype=torch.bool)
+    loss = narrow_band_mse(p, torch.from_numpy(true), none_valid)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert p.grad is not None and bool((p.grad == 0).all())
+    # one sample entirely padded: its per-sample loss is 0, the others are unaffected
+    valid = torch.ones(pred.shape, dtype=torch.bool)
+    valid[1] = False
+    per = narrow_band_mse(p, torch.from_numpy(true), valid, reduction="none")
+    assert per[1].item() == 0.0 and bool((per[[0, 2]] > 0).all())
+    full = narrow_band_mse(p, torch.from_numpy(true), reduction="none")
+    assert torch.allclose(per[[0, 2]], full[[0, 2]])
+
+
+def test_identical_phi_gives_zero() -> None:
+    pred, _, valid = _inputs(3)
+    t = torch.from_numpy(pred)
+    assert float(narrow_band_mse(t, t.clone(), torch.from_numpy(valid))) == 0.0
+
+
+def test_gradcheck_float64() -> None:
+    pred, true, valid = _inputs(4, (3, 1, 4, 5))
+    p = torch.from_numpy(pred.astype(np.float64)).requires_grad_()
+    t = torch.from_numpy(true.astype(np.float64)).requires_grad_()
+    tv = torch.from_numpy(valid)
+    assert torch.autograd.gradcheck(lambda a, b: narrow_band_mse(a, b, tv, 1.5), (p, t))
+    assert torch.autograd.gradcheck(lambda a, b: narrow_band_mse(a, b, tv, 0.7, reduction="none"), (p, t))
+    assert torch.autograd.gradcheck(lambda a, b: narrow_band_mse(a, b, None, 1.0), (p, t))
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "name"),
+    [
+        ((torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 5)), {}, "phi_true"),
+        ((torch.zeros(2, 4, 4), torch.zeros(2, 4, 4)), {}, "phi_pred"),
+        ((torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)), {}, "phi_pred"),
+        ((torch.zeros(2, 1, 4, 4), np.zeros((2, 1, 4, 4))), {}, "phi_true"),
+        ((torch.zeros(2, 1, 4, 4, dtype=torch.long), torch.zeros(2, 1, 4, 4)), {}, "phi_pred"),
+        ((torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)), {"valid": torch.ones(2, 1, 4, 3)}, "valid"),
+        ((torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)), {"valid": np.ones((2, 1, 4, 4))}, "valid"),
+        ((torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)), {"width": 0.0}, "width"),
+        ((torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)), {"reduction": "sum"}, "reduction"),
+    ],
+)
+def test_bad_arguments(args: tuple, kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=f"'{name}'"):
+        narrow_band_mse(*args, **kwargs)
