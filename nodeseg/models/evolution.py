@@ -1,0 +1,213 @@
+"""The Neural-ODE segmentation models: ``ContourEvolution``, ``ImageEvolution``, ``NodeStack``.
+
+All three expose ``solvers`` (their ``ODESolver`` modules) and ``nfe_forward`` / ``nfe_backward`` summed over
+them, so training can log NFE per step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nodeseg.errors import check_arg
+from nodeseg.models.blocks import ASPP, ConvNormAct, check_positive_int, zero_conv
+from nodeseg.models.odefunc import FuncKind, StackODEFunc, TupleStateFunc, build_odefunc
+from nodeseg.models.unet import UNet
+from nodeseg.solve import ODESolver, SolverConfig, nfe_stats, ode_solvers
+
+
+class _NFEMixin:
+    """NFE counters summed over every ``ODESolver`` of the model."""
+
+    @property
+    def solvers(self) -> list[ODESolver]:
+        return ode_solvers(self)  # type: ignore[arg-type]
+
+    @property
+    def nfe_forward(self) -> int:
+        return nfe_stats(self)["nfe_forward"]  # type: ignore[arg-type]
+
+    @property
+    def nfe_backward(self) -> int:
+        return nfe_stats(self)["nfe_backward"]  # type: ignore[arg-type]
+
+    def reset_nfe(self) -> None:
+        for s in self.solvers:
+            s.reset_nfe()
+
+
+def _check_times(times: Tensor) -> None:
+    check_arg(isinstance(times, Tensor) and times.ndim == 1 and times.numel() >= 2 and float(times[0]) == 0.0,
+              "times", times, "a 1-D tensor of increasing times starting at 0")
+
+
+def _encoder(in_channels: int, hidden_channels: int, norm_groups: int) -> nn.Sequential:
+    """λ: two 3×3 ConvNormAct layers at full resolution, image → embedding h(0)."""
+    return nn.Sequential(
+        ConvNormAct(in_channels, hidden_channels, norm_groups=norm_groups),
+        ConvNormAct(hidden_channels, hidden_channels, norm_groups=norm_groups),
+    )
+
+
+def _head(in_channels: int, hidden_channels: int, norm_groups: int, zero_init: bool) -> nn.Sequential:
+    """ψ: 3×3 ConvNormAct then a 1×1 conv to one channel (zero-initialised when ``zero_init``)."""
+    last = zero_conv(hidden_channels, 1) if zero_init else nn.Conv2d(hidden_channels, 1, 1)
+    return nn.Sequential(ConvNormAct(in_channels, hidden_channels, norm_groups=norm_groups), last)
+
+
+class ContourEvolution(_NFEMixin, nn.Module):
+    """Evolve the contour of a frozen, pretrained UNet: γ = (φ, h), dγ/dt = fθ(γ, t), φ̂ = φ(1) + ψ(γ(1)).
+
+    φ(0) = unet(image) (the UNet has ``requires_grad=False`` and stays in eval mode), h(0) = λ(image).
+    The state is passed to the solver as the tuple (φ, h) so that atol binds on φ. fθ's and ψ's last
+    layers are zero-initialised: at initialisation the output equals φ(0) exactly.
+    """
+
+    def __init__(
+        self,
+        unet: UNet,
+        hidden_channels: int = 16,
+        func: FuncKind = "conv",
+        func_channels: int = 32,
+        func_layers: int = 3,
+        func_depth: int = 2,
+        func_max_channels: int | None = None,
+        norm_groups: int = 8,
+        solver: SolverConfig | None = None,
+    ) -> None:
+        super().__init__()
+        check_arg(isinstance(unet, UNet), "unet", type(unet).__name__, "a nodeseg UNet")
+        check_positive_int("hidden_channels", hidden_channels)
+        self.unet = unet.requires_grad_(False).eval()
+        check_arg(unet.out_channels == 1, "unet", f"a UNet with out_channels={unet.out_channels}",
+                  "a UNet with out_channels=1 (it predicts φ)")
+        self.encoder = _encoder(unet.in_channels, hidden_channels, norm_groups)
+        inner = build_odefunc(func, 1 + hidden_channels, func_channels=func_channels, func_layers=func_layers,
+                              func_depth=func_depth, func_max_channels=func_max_channels,
+                              norm_groups=norm_groups)
+        self.solver = ODESolver(TupleStateFunc(inner, (1, hidden_channels)), solver)
+        self.head = _head(1 + hidden_channels, hidden_channels, norm_groups, zero_init=True)
+
+    def train(self, mode: bool = True) -> ContourEvolution:
+        super().train(mode)
+        self.unet.eval()
+        return self
+
+    def forward(self, image: Tensor, phi0: Tensor | None = None, times: Tensor | None = None) -> Tensor:
+        """φ̂ ``(B, 1, H, W)``; with ``times`` the predictions φ(t) + ψ(γ(t)) stacked ``(T, B, 1, H, W)``."""
+        if phi0 is None:
+            with torch.no_grad():
+                phi0 = self.unet(image)
+        check_arg(phi0.shape == (image.shape[0], 1, *image.shape[2:]), "phi0", tuple(phi0.shape),
+                  f"shape {(image.shape[0], 1, *image.shape[2:])}")
+        h0 = self.encoder(image)
+        if times is not None:
+            _check_times(times)
+        phi_t, h_t = self.solver((phi0.to(h0.dtype), h0), times)
+        if times is None:
+            return phi_t[-1] + self.head(torch.cat([phi_t[-1], h_t[-1]], dim=1))
+        T, B = phi_t.shape[:2]
+        gamma = torch.cat([phi_t, h_t], dim=2).flatten(0, 1)
+        return phi_t + self.head(gamma).unflatten(0, (T, B))
+
+
+class ImageEvolution(_NFEMixin, nn.Module):
+    """Evolve an image embedding: h(0) = λ(image), dh/dt = fθ(h, t), φ̂ = ψ(h(1)).
+
+    fθ's last layer is zero-initialised (h(1) = h(0) at initialisation); ψ's last layer is not, so that
+    gradients reach λ and fθ from the first step.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        hidden_channels: int = 16,
+        func: FuncKind = "conv",
+        func_channels: int = 32,
+        func_layers: int = 3,
+        func_depth: int = 2,
+        func_max_channels: int | None = None,
+        norm_groups: int = 8,
+        solver: SolverConfig | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("hidden_channels", hidden_channels)
+        self.encoder = _encoder(in_channels, hidden_channels, norm_groups)
+        inner = build_odefunc(func, hidden_channels, func_channels=func_channels, func_layers=func_layers,
+                              func_depth=func_depth, func_max_channels=func_max_channels,
+                              norm_groups=norm_groups)
+        self.solver = ODESolver(inner, solver)
+        self.head = _head(hidden_channels, hidden_channels, norm_groups, zero_init=False)
+
+    def forward(self, image: Tensor, times: Tensor | None = None) -> Tensor:
+        """φ̂ ``(B, 1, H, W)``; with ``times`` the predictions ψ(h(t)) stacked ``(T, B, 1, H, W)``."""
+        if times is not None:
+            _check_times(times)
+        h_t = self.solver(self.encoder(image), times)
+        if times is None:
+            return self.head(h_t[-1])
+        return self.head(h_t.flatten(0, 1)).unflatten(0, h_t.shape[:2])
+
+
+class NodeStack(_NFEMixin, nn.Module):
+    """Stacked NODE blocks for dense prediction (Image-Evolution style, DeepLab-like):
+
+    λ (stem: two stride-2 3×3 ConvNormAct, output stride 4) → for each stage i: a transition (ConvNormAct,
+    3×3 stride 2 when ``stage_strides[i]`` is 2, else 1×1; identity when channels and stride are unchanged) and one
+    NODE block whose fθ is ``StackODEFunc`` (grouped convs + LayerNorm + SE, time-conditioned, zero-init
+    output) → ASPP → ψ (3×3 ConvNormAct, 1×1 conv) → bilinear upsampling to the input size.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        stem_channels: int = 32,
+        stage_channels: tuple[int, ...] = (64, 128),
+        stage_strides: tuple[int, ...] = (1, 2),
+        width_ratio: float = 0.5,
+        groups: int = 8,
+        se_reduction: int = 16,
+        aspp_channels: int = 32,
+        aspp_rates: tuple[int, ...] = (2, 4, 6),
+        norm_groups: int = 8,
+        solver: SolverConfig | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("stem_channels", stem_channels)
+        check_arg(len(stage_channels) > 0, "stage_channels", stage_channels, "a non-empty tuple of ints > 0")
+        for c in stage_channels:
+            check_positive_int("stage_channels", c)
+        check_arg(len(stage_strides) == len(stage_channels) and all(s in (1, 2) for s in stage_strides),
+                  "stage_strides", stage_strides, f"{len(stage_channels)} values, each 1 or 2")
+        check_arg(isinstance(width_ratio, (int, float)) and width_ratio > 0, "width_ratio", width_ratio,
+                  "a number > 0")
+        check_positive_int("aspp_channels", aspp_channels)
+        kw = dict(norm_groups=norm_groups)
+        self.stem = nn.Sequential(
+            ConvNormAct(in_channels, stem_channels, stride=2, **kw),
+            ConvNormAct(stem_channels, stem_channels, stride=2, **kw),
+        )
+        self.transitions = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        prev = stem_channels
+        for c, s in zip(stage_channels, stage_strides, strict=True):
+            same = c == prev and s == 1
+            k = 3 if s == 2 else 1
+            self.transitions.append(nn.Identity() if same else ConvNormAct(prev, c, k, stride=s, **kw))
+            width = int(round(c * width_ratio))
+            func = StackODEFunc(c, width, groups=groups, se_reduction=se_reduction, norm_groups=norm_groups)
+            self.blocks.append(ODESolver(func, solver))
+            prev = c
+        self.aspp = ASPP(prev, aspp_channels, tuple(aspp_rates), **kw)
+        self.head = _head(aspp_channels, aspp_channels, norm_groups, zero_init=False)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """φ̂ ``(B, 1, H, W)``."""
+        x = self.stem(image)
+        for transition, block in zip(self.transitions, self.blocks, strict=True):
+            x = block(transition(x))[-1]
+        out = self.head(self.aspp(x))
+        return F.interpolate(out, size=image.shape[-2:], mode="bilinear", align_corners=False)

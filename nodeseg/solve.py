@@ -1,0 +1,286 @@
+"""The one wrapper over torchdiffeq: ``SolverConfig``, ``ODESolver``, NFE counters and runaway caps.
+
+**Counting.** ``ODESolver`` wraps fθ in a counter. ``nfe_forward`` is the number of fθ evaluations in the
+last forward solve (the initial derivative, the initial-step probe when ``first_step`` is None, and every
+stage of every accepted or rejected step). ``nfe_backward`` is the number of fθ evaluations made while
+back-propagating through that solve: with the adjoint each one is an evaluation plus a vector-Jacobian
+product inside the backward ODE; with direct backprop it is 0, because autograd goes back through the
+stored graphs of the ``nfe_forward`` evaluations (memory grows with NFE × batch × pixels; the adjoint keeps
+about one graph of fθ). Both are reset at the start of each forward solve; ``nfe_*_total`` accumulate until
+``reset_nfe()``. Evaluations made after a forward solve (the adjoint backward) are attributed to it, so call
+backward before the next forward of the same solver if the counts matter.
+
+**Caps.** Every evaluation beyond ``max_nfe`` (in either pass) raises ``SolverError`` from inside the
+counter. torchdiffeq's ``max_num_steps exceeded`` / ``underflow in dt`` / non-finite-state assertions in the
+forward solve are re-raised as ``SolverError``. In the adjoint backward pass torchdiffeq cannot be caught
+(its assertion would surface from ``loss.backward()``), so a step callback raises ``SolverError`` first: at
+more than ``max_num_steps × intervals`` step attempts in the whole backward pass, a step that underflows,
+or a non-finite state or adjoint.
+
+**Tuple state, not concatenation.** With ``rtol = 0`` a step is accepted when err/atol ≤ 1 under
+torchdiffeq's norm: the RMS over all elements of a tensor state, the max over per-tensor RMS norms
+(``_mixed_norm``) of a tuple state. Concatenating (φ, h) dilutes φ's single channel among the C embedding
+channels, so atol no longer bounds φ's error; passing the tuple makes atol bind on φ itself. Measured
+(``tests/test_solve.py::test_tuple_state_binds_atol_on_phi``: a random conv fθ moving φ 5× faster than 8
+embedding channels, 16×16, batch 2, float64, dopri5, first_step 0.5; RMS error of φ(1) against atol 1e-9):
+
+    atol    tuple (φ, h): NFE, φ error    concat [φ; h]: NFE, φ error
+    1e-3         31        2.1e-2              25        5.9e-2
+    1e-4         49        5.8e-4              43        2.0e-3
+    1e-5         67        3.3e-5              55        1.0e-4
+
+(atol bounds the local error per step; these are global errors). The tuple costs more evaluations
+exactly because it honours atol on φ, and its φ is 3–4× more accurate. Models pass tuples.
+
+**Output times.** dopri5 and adaptive_heun step past t1 and read φ(t1) off their dense output, which is
+accurate. torchdiffeq's dopri8 and bosh3 interpolants are not (measured 50× and 160× atol off at t1 on
+dy/dt = −1.5y, atol 1e-6, first_step 0.5), so for those two the steps are made to land on the requested
+times (torchdiffeq's ``step_t``). Not for dopri5: evaluating its interpolant exactly at a step end adds a
+rounding error of ~32 ulp(φ), which would break "identity at initialisation" (bit-exact φ(0)).
+
+**first_step.** With fθ zero-initialised, dopri5's automatic first-step selection collapses to 1e-6 and the
+first solve costs 44 evaluations at any atol; ``first_step=0.5`` brings it to 13 (1 + 2 steps × 6). The
+default is 0.5; None restores torchdiffeq's selection. Fixed-step methods ignore it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torchdiffeq import odeint, odeint_adjoint
+
+from nodeseg.errors import SolverError, check_arg
+
+Method = Literal["dopri5", "bosh3", "adaptive_heun", "dopri8", "rk4", "euler", "midpoint"]
+ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "bosh3", "adaptive_heun", "dopri8")
+FIXED_STEP_METHODS: tuple[str, ...] = ("rk4", "euler", "midpoint")
+METHODS: tuple[str, ...] = ADAPTIVE_METHODS + FIXED_STEP_METHODS
+State = Tensor | tuple[Tensor, ...]
+
+_LAND_ON_OUTPUT_TIMES = ("bosh3", "dopri8")
+_RUNAWAY_ASSERTIONS = ("max_num_steps exceeded", "underflow in dt", "non-finite values in state")
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """How to integrate fθ over [0, t1]: method, tolerances, adjoint, caps (the ``solver`` params section).
+
+    ``max_num_steps`` caps adaptive step attempts (accepted + rejected) per output interval;
+    ``max_nfe`` caps fθ evaluations per pass; ``step_size`` is required by, and only allowed for,
+    the fixed-step methods.
+    """
+
+    method: Method = "dopri5"
+    rtol: float = 0.0
+    atol: float = 1e-3
+    adjoint: bool = True
+    adjoint_seminorm: bool = True
+    step_size: float | None = None
+    first_step: float | None = 0.5
+    max_num_steps: int = 500
+    max_nfe: int = 3000
+    t1: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_arg(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
+        check_arg(_is_number(self.rtol) and self.rtol >= 0, "rtol", self.rtol, "a number >= 0")
+        check_arg(_is_number(self.atol) and self.atol > 0, "atol", self.atol, "a number > 0")
+        check_arg(isinstance(self.adjoint, bool), "adjoint", self.adjoint, "true or false")
+        check_arg(isinstance(self.adjoint_seminorm, bool), "adjoint_seminorm", self.adjoint_seminorm,
+                  "true or false")
+        check_arg(_is_number(self.t1) and self.t1 > 0, "t1", self.t1, "a number > 0")
+        check_arg(_is_int(self.max_num_steps) and self.max_num_steps > 0, "max_num_steps",
+                  self.max_num_steps, "an int > 0")
+        check_arg(_is_int(self.max_nfe) and self.max_nfe > 0, "max_nfe", self.max_nfe, "an int > 0")
+        check_arg(self.first_step is None or (_is_number(self.first_step) and self.first_step > 0),
+                  "first_step", self.first_step, "null or a number > 0")
+        if self.method in FIXED_STEP_METHODS:
+            check_arg(self.step_size is not None, "step_size", self.step_size,
+                      f"a number in (0, t1] for the fixed-step method {self.method!r}")
+            check_arg(_is_number(self.step_size) and 0 < self.step_size <= self.t1, "step_size",
+                      self.step_size, f"a number in (0, t1={self.t1}]")
+            steps = math.ceil(self.t1 / self.step_size - 1e-9)
+            check_arg(steps <= self.max_num_steps, "step_size", self.step_size,
+                      f"at most max_num_steps={self.max_num_steps} steps over t1={self.t1} ({steps} needed)")
+        else:
+            check_arg(self.step_size is None, "step_size", self.step_size,
+                      f"null for the adaptive method {self.method!r} (only {', '.join(FIXED_STEP_METHODS)} "
+                      "take a step_size)")
+
+    @property
+    def fixed_step(self) -> bool:
+        """True for euler, midpoint and rk4."""
+        return self.method in FIXED_STEP_METHODS
+
+    def options(self) -> dict[str, object]:
+        """torchdiffeq ``options`` for the forward solve."""
+        if self.fixed_step:
+            return {"step_size": self.step_size}
+        opts: dict[str, object] = {"max_num_steps": self.max_num_steps}
+        if self.first_step is not None:
+            opts["first_step"] = self.first_step
+        return opts
+
+
+class _CountingFunc(nn.Module):
+    """fθ with a call counter per pass, the NFE cap and the adjoint step callback."""
+
+    def __init__(self, func: nn.Module, config: SolverConfig) -> None:
+        super().__init__()
+        self.func = func
+        self.config = config
+        self.phase = "forward"
+        self.nfe = {"forward": 0, "backward": 0}
+        self.totals = {"forward": 0, "backward": 0}
+        self.backward_steps = 0
+        self.backward_step_cap = config.max_num_steps
+
+    def begin_forward(self, intervals: int) -> None:
+        self.phase = "forward"
+        self.nfe["forward"] = self.nfe["backward"] = 0
+        self.backward_steps = 0
+        self.backward_step_cap = self.config.max_num_steps * intervals
+
+    def error(self, what: str) -> SolverError:
+        c = self.config
+        return SolverError(
+            f"{c.method} solve ran away in the {self.phase} pass: {what} after {self.nfe[self.phase]} "
+            f"evaluations (atol={c.atol:g}, rtol={c.rtol:g}, max_nfe={c.max_nfe}, "
+            f"max_num_steps={c.max_num_steps}); raise atol or the caps, or lower the learning rate"
+        )
+
+    def forward(self, t: Tensor, y: State) -> State:
+        phase = self.phase
+        if self.nfe[phase] >= self.config.max_nfe:
+            raise self.error("max_nfe exceeded")
+        self.nfe[phase] += 1
+        self.totals[phase] += 1
+        return self.func(t, y)
+
+    def callback_step_adjoint(self, t0: Tensor, y0: object, dt: Tensor) -> None:
+        """Called by torchdiffeq before each step of the adjoint solve (time runs backwards there)."""
+        self.backward_steps += 1
+        if self.backward_steps > self.backward_step_cap:
+            raise self.error(f"max_num_steps exceeded ({self.backward_steps} step attempts)")
+        if not (t0 - dt < t0):
+            raise self.error(f"underflow in dt {float(dt):.3g} at t={float(t0):.6g}")
+        parts = y0[1:3] if isinstance(y0, tuple) else (y0,)  # (t, y, adj_y, *adj_params): check y, adj_y
+        if not all(bool(torch.isfinite(p).all()) for p in parts):
+            raise self.error(f"non-finite values in the state or its adjoint at t={float(t0):.6g}")
+
+
+class ODESolver(nn.Module):
+    """Integrates ``dy/dt = func(t, y)`` with torchdiffeq per ``config``; counts and caps evaluations.
+
+    ``forward(y0, t)`` takes a tensor or a tuple of tensors and returns the same structure stacked over
+    ``t`` (default ``[0, config.t1]``). Uses ``odeint_adjoint`` (adjoint_params = func's parameters,
+    seminorm when ``adjoint_seminorm``) when ``config.adjoint`` and grad mode is on, ``odeint`` otherwise.
+    """
+
+    def __init__(self, func: nn.Module, config: SolverConfig | None = None) -> None:
+        super().__init__()
+        check_arg(isinstance(func, nn.Module), "func", func, "an nn.Module with forward(t, y)")
+        config = SolverConfig() if config is None else config
+        check_arg(isinstance(config, SolverConfig), "config", config, "a SolverConfig")
+        self.counter = _CountingFunc(func, config)
+
+    @property
+    def config(self) -> SolverConfig:
+        """The solver settings (held by the counter, which enforces the caps)."""
+        return self.counter.config
+
+    @property
+    def func(self) -> nn.Module:
+        """The wrapped ODE function fθ."""
+        return self.counter.func
+
+    @property
+    def nfe_forward(self) -> int:
+        """fθ evaluations in the last forward solve."""
+        return self.counter.nfe["forward"]
+
+    @property
+    def nfe_backward(self) -> int:
+        """fθ evaluations while back-propagating the last forward solve (0 with direct backprop)."""
+        return self.counter.nfe["backward"]
+
+    @property
+    def nfe_forward_total(self) -> int:
+        return self.counter.totals["forward"]
+
+    @property
+    def nfe_backward_total(self) -> int:
+        return self.counter.totals["backward"]
+
+    def reset_nfe(self) -> None:
+        """Zero the per-solve counters and the totals."""
+        self.counter.nfe = {"forward": 0, "backward": 0}
+        self.counter.totals = {"forward": 0, "backward": 0}
+
+    def default_times(self, like: Tensor) -> Tensor:
+        """``[0, t1]`` in the dtype and on the device of ``like``."""
+        return torch.tensor([0.0, self.config.t1], dtype=like.dtype, device=like.device)
+
+    def forward(self, y0: State, t: Tensor | None = None) -> State:
+        check_arg(isinstance(y0, Tensor) or (isinstance(y0, tuple) and len(y0) > 0
+                                              and all(isinstance(y, Tensor) for y in y0)),
+                  "y0", type(y0).__name__, "a tensor or a non-empty tuple of tensors")
+        first = y0 if isinstance(y0, Tensor) else y0[0]
+        if t is None:
+            t = self.default_times(first)
+        else:
+            check_arg(isinstance(t, Tensor) and t.ndim == 1 and t.numel() >= 2 and bool((t[1:] > t[:-1]).all()),
+                      "t", t, "a 1-D tensor of at least 2 strictly increasing times")
+            t = t.to(dtype=first.dtype, device=first.device)
+        c = self.config
+        options = c.options()
+        if c.method in _LAND_ON_OUTPUT_TIMES:  # their dense output is poor: step onto the output times
+            options["step_t"] = t[1:]
+        self.counter.begin_forward(len(t) - 1)
+        try:
+            if c.adjoint and torch.is_grad_enabled():
+                adjoint_options = dict(options)
+                if c.adjoint_seminorm:
+                    adjoint_options["norm"] = "seminorm"
+                if not c.fixed_step:  # the step callback caps the adjoint pass first (see module docstring)
+                    adjoint_options["max_num_steps"] = c.max_num_steps * (len(t) - 1) + 1
+                return odeint_adjoint(
+                    self.counter, y0, t, rtol=c.rtol, atol=c.atol, method=c.method, options=options,
+                    adjoint_options=adjoint_options, adjoint_params=tuple(self.counter.parameters()),
+                )
+            return odeint(self.counter, y0, t, rtol=c.rtol, atol=c.atol, method=c.method, options=options)
+        except AssertionError as err:
+            msg = str(err)
+            if not msg.startswith(_RUNAWAY_ASSERTIONS):
+                raise
+            raise self.counter.error(msg.split(":")[0]) from None
+        finally:
+            self.counter.phase = "backward"
+
+
+def ode_solvers(module: nn.Module) -> list[ODESolver]:
+    """Every ``ODESolver`` inside ``module`` (in registration order)."""
+    return [m for m in module.modules() if isinstance(m, ODESolver)]
+
+
+def nfe_stats(module: nn.Module) -> dict[str, int]:
+    """NFE counters summed over every ``ODESolver`` in ``module`` (0 for a model without one)."""
+    solvers = ode_solvers(module)
+    return {
+        "nfe_forward": sum(s.nfe_forward for s in solvers),
+        "nfe_backward": sum(s.nfe_backward for s in solvers),
+        "nfe_forward_total": sum(s.nfe_forward_total for s in solvers),
+        "nfe_backward_total": sum(s.nfe_backward_total for s in solvers),
+    }

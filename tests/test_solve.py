@@ -1,0 +1,287 @@
+"""nodeseg.solve: config validation, accuracy on exact solutions, gradients, NFE counters, runaway caps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nodeseg.config import from_mapping, to_mapping
+from nodeseg.errors import ConfigError, SolverError
+from nodeseg.models.odefunc import ConvODEFunc, TupleStateFunc
+from nodeseg.solve import ODESolver, SolverConfig, nfe_stats
+
+F64 = torch.float64
+
+
+class Linear(nn.Module):
+    """dy/dt = a·y (per tuple part: a_i·y_i), with a manual call counter."""
+
+    def __init__(self, *rates: float) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(rates, dtype=F64))
+        self.calls = 0
+
+    def forward(self, t: torch.Tensor, y):
+        self.calls += 1
+        if isinstance(y, tuple):
+            return tuple(self.a[i] * yi for i, yi in enumerate(y))
+        return self.a[0] * y
+
+
+class Power(nn.Module):
+    """dy/dt = sign·y**3 (finite-time blow-up); with ``backward_only`` zero unless grad mode is on."""
+
+    def __init__(self, sign: float = 1.0, backward_only: bool = False) -> None:
+        super().__init__()
+        self.k = nn.Parameter(torch.tensor(sign, dtype=F64))
+        self.backward_only = backward_only
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.backward_only and not torch.is_grad_enabled():
+            return 0 * y
+        return self.k * y**3
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name", "value"),
+    [
+        (dict(method="rk45"), "method", "rk45"),
+        (dict(method="rk4"), "step_size", None),
+        (dict(method="euler", step_size=0.0), "step_size", 0.0),
+        (dict(method="rk4", step_size=1e-4), "step_size", 1e-4),  # 10000 steps > max_num_steps
+        (dict(step_size=0.1), "step_size", 0.1),  # adaptive method takes no step_size
+        (dict(atol=0.0), "atol", 0.0),
+        (dict(atol=-1e-3), "atol", -1e-3),
+        (dict(rtol=-1.0), "rtol", -1.0),
+        (dict(first_step=0.0), "first_step", 0.0),
+        (dict(max_nfe=0), "max_nfe", 0),
+        (dict(max_num_steps=-5), "max_num_steps", -5),
+        (dict(t1=0.0), "t1", 0.0),
+        (dict(adjoint="yes"), "adjoint", "yes"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs: dict, name: str, value: object) -> None:
+    with pytest.raises(ValueError) as err:
+        SolverConfig(**kwargs)
+    assert repr(name) in str(err.value) and repr(value) in str(err.value)
+
+
+def test_config_loads_from_mapping() -> None:
+    cfg = from_mapping(SolverConfig, {"method": "rk4", "step_size": 0.25, "atol": "1e-4"})
+    assert cfg == SolverConfig(method="rk4", step_size=0.25, atol=1e-4)
+    assert from_mapping(SolverConfig, to_mapping(cfg)) == cfg
+    with pytest.raises(ConfigError, match="atol"):
+        from_mapping(SolverConfig, {"atol": 0})
+    with pytest.raises(ConfigError, match="method"):
+        from_mapping(SolverConfig, {"method": "rk45"})
+
+
+# ---------------------------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "dopri8", "adaptive_heun"])
+def test_exact_exponential_tensor_and_tuple(method: str) -> None:
+    """y' = a·y at atol 1e-6: local errors ≤ atol add up to a global error of at most 3·atol here."""
+    atol, bound = 1e-6, 3e-6
+    cfg = SolverConfig(method=method, atol=atol, adjoint=False, max_num_steps=5000, max_nfe=50_000)
+    t = torch.linspace(0, 1, 5, dtype=F64)
+    y0 = torch.randn(2, 1, 4, 4, dtype=F64)
+    out = ODESolver(Linear(-1.5), cfg)(y0, t)
+    exact = torch.stack([y0 * math.exp(-1.5 * float(ti)) for ti in t])
+    assert out.shape == (5, 2, 1, 4, 4)
+    assert (out - exact).abs().max() < bound
+
+    h0 = torch.randn(2, 3, 4, 4, dtype=F64)
+    phi_t, h_t = ODESolver(Linear(-1.5, 0.7), cfg)((y0, h0), t)
+    for i, ti in enumerate(t.tolist()):
+        assert (phi_t[i] - y0 * math.exp(-1.5 * ti)).abs().max() < bound
+        assert (h_t[i] - h0 * math.exp(0.7 * ti)).abs().max() < bound
+
+
+def test_fixed_step_rk4_accuracy() -> None:
+    y0 = torch.randn(3, dtype=F64)
+    out = ODESolver(Linear(0.8), SolverConfig(method="rk4", step_size=0.05, adjoint=False))(y0)
+    assert (out[-1] - y0 * math.exp(0.8)).abs().max() < 1e-7
+
+
+# ---------------------------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_gradcheck_small_solve(adjoint: bool) -> None:
+    func = Linear(-0.7, 0.4)
+    # dopri5 at a tight atol: the step sequence is locally constant, so the solve is smooth in (y0, a)
+    cfg = SolverConfig(atol=1e-9, adjoint=adjoint, max_num_steps=5000, max_nfe=100_000)
+    solver = ODESolver(func, cfg)
+
+    def f(phi0: torch.Tensor, h0: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        phi, h = solver((phi0, h0))
+        return phi[-1], h[-1]
+
+    phi0 = torch.randn(1, 1, 2, 2, dtype=F64, requires_grad=True)
+    h0 = torch.randn(1, 2, 2, 2, dtype=F64, requires_grad=True)
+    # `a` is the module's own parameter: gradcheck perturbs it in place, the solve reads it through func
+    assert torch.autograd.gradcheck(f, (phi0, h0, func.a), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_adjoint_matches_direct_backprop_for_a_conv_func() -> None:
+    torch.manual_seed(1)
+    inner = ConvODEFunc(3, 8, 3, norm_groups=4).double()
+    with torch.no_grad():
+        inner.out.weight.normal_(0, 0.1)
+    func = TupleStateFunc(inner, (1, 2))
+    y0 = (torch.randn(2, 1, 6, 6, dtype=F64), torch.randn(2, 2, 6, 6, dtype=F64))
+    grads = []
+    for adjoint in (False, True):
+        cfg = SolverConfig(atol=1e-10, adjoint=adjoint, max_num_steps=5000, max_nfe=100_000)
+        solver = ODESolver(func, cfg)
+        inputs = tuple(y.clone().requires_grad_(True) for y in y0)
+        phi, h = solver(inputs)
+        (phi[-1].pow(2).sum() + h[-1].sin().sum()).backward()
+        grads.append([p.grad.clone() for p in func.parameters()] + [y.grad for y in inputs])
+        func.zero_grad()
+    for direct, adj in zip(*grads, strict=True):
+        assert torch.allclose(direct, adj, rtol=1e-5, atol=1e-8 * direct.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------- counters
+
+
+@pytest.mark.parametrize(("method", "per_step"), [("rk4", 4), ("midpoint", 2), ("euler", 1)])
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_nfe_counts_fixed_step(method: str, per_step: int, adjoint: bool) -> None:
+    n = 8
+    func = Linear(-1.0)
+    solver = ODESolver(func, SolverConfig(method=method, step_size=1.0 / n, adjoint=adjoint))
+    y = solver(torch.ones(3, dtype=F64, requires_grad=True))
+    assert solver.nfe_forward == func.calls == per_step * n
+    y[-1].sum().backward()
+    # the adjoint integrates the augmented system back on the same grid: one fθ evaluation per stage;
+    # direct backprop never calls fθ, it goes back through the graphs stored by the forward evaluations
+    assert solver.nfe_backward == func.calls - per_step * n == (per_step * n if adjoint else 0)
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_nfe_counts_adaptive_and_totals(adjoint: bool) -> None:
+    func = Linear(-2.0, 0.5)
+    solver = ODESolver(func, SolverConfig(atol=1e-6, adjoint=adjoint))
+    y0 = (torch.ones(2, 1, 3, 3, dtype=F64, requires_grad=True), torch.ones(2, 2, 3, 3, dtype=F64))
+    for _ in range(2):
+        before = func.calls
+        phi, h = solver(y0, torch.linspace(0, 1, 3, dtype=F64))
+        assert solver.nfe_forward == func.calls - before > 0
+        mid = func.calls
+        (phi[-1].sum() + h[-1].sum()).backward()
+        assert solver.nfe_backward == func.calls - mid
+        assert (solver.nfe_backward > 0) == adjoint
+    assert solver.nfe_forward_total + solver.nfe_backward_total == func.calls
+    assert nfe_stats(nn.ModuleList([solver]))["nfe_forward"] == solver.nfe_forward
+    solver.reset_nfe()
+    assert (solver.nfe_forward, solver.nfe_backward, solver.nfe_forward_total) == (0, 0, 0)
+
+
+class Zero(nn.Module):
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(y)
+
+
+@pytest.mark.parametrize(("first_step", "nfe"), [(0.5, 13), (None, 44)])
+def test_first_step_for_zero_initialised_func(first_step: float | None, nfe: int) -> None:
+    # torchdiffeq's automatic first step collapses to 1e-6 when fθ ≡ 0; 0.5 gives 1 + 2 steps × 6
+    solver = ODESolver(Zero(), SolverConfig(first_step=first_step, adjoint=False))
+    solver(torch.ones(2, 1, 4, 4))
+    assert solver.nfe_forward == nfe
+
+
+def test_tuple_state_binds_atol_on_phi() -> None:
+    """φ (1 channel, fast drift) and h (8 channels, slow): concatenation lets φ's error exceed atol."""
+    torch.manual_seed(0)
+    channels, atol = 8, 1e-3
+    inner = ConvODEFunc(1 + channels, 16, 3, norm_groups=4).double()
+    with torch.no_grad():
+        inner.out.weight.normal_(0, 0.3)
+        inner.out.weight[:1] *= 5.0  # φ moves faster than h
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    phi0 = (((yy - 8) ** 2 + (xx - 8) ** 2).sqrt() - 5).to(F64).expand(2, 1, 16, 16).contiguous()
+    h0 = torch.randn(2, channels, 16, 16, dtype=F64)
+
+    ref_cfg = SolverConfig(atol=1e-9, adjoint=False, max_num_steps=5000, max_nfe=100_000)
+    ref = ODESolver(TupleStateFunc(inner, (1, channels)), ref_cfg)((phi0, h0))[0][-1]
+    cfg = SolverConfig(atol=atol, adjoint=False)
+    tupled = ODESolver(TupleStateFunc(inner, (1, channels)), cfg)
+    err_tuple = (tupled((phi0, h0))[0][-1] - ref).pow(2).mean().sqrt().item()
+    concat = ODESolver(inner, cfg)
+    err_concat = (concat(torch.cat([phi0, h0], dim=1))[-1][:, :1] - ref).pow(2).mean().sqrt().item()
+    print(f"tuple: NFE {tupled.nfe_forward}, RMS φ error {err_tuple:.2g}; "
+          f"concat: NFE {concat.nfe_forward}, RMS φ error {err_concat:.2g}")
+    assert tupled.nfe_forward > concat.nfe_forward
+    assert err_tuple < err_concat / 2
+
+
+# ---------------------------------------------------------------------------------------------- runaway
+
+
+def test_nfe_cap_raises_solver_error() -> None:
+    solver = ODESolver(Linear(-1e5), SolverConfig(max_nfe=50, adjoint=False))
+    with pytest.raises(SolverError, match=r"dopri5 .*forward pass: max_nfe exceeded after 50 .*atol=0.001"):
+        solver(torch.ones(3, dtype=F64))
+    assert solver.nfe_forward == 50
+
+
+def test_step_cap_raises_solver_error() -> None:
+    solver = ODESolver(Linear(-1e5), SolverConfig(max_num_steps=20, adjoint=False))
+    with pytest.raises(SolverError, match=r"max_num_steps exceeded .* after \d+ evaluations .*atol=0.001"):
+        solver(torch.ones(3, dtype=F64))
+
+
+def test_dt_underflow_raises_solver_error() -> None:
+    # dy/dt = y³, y(0) = 2 blows up at t = 1/8: the step size shrinks until t + dt == t
+    solver = ODESolver(Power(), SolverConfig(max_num_steps=100_000, max_nfe=100_000, adjoint=False))
+    with pytest.raises(SolverError, match=r"dopri5 .*underflow in dt .* evaluations \(atol=0.001"):
+        solver(torch.full((2,), 2.0, dtype=F64))
+
+
+@pytest.mark.parametrize(
+    ("caps", "pattern"),
+    [
+        (dict(max_nfe=100), "backward pass: max_nfe exceeded after 100"),
+        (dict(max_num_steps=30), "backward pass: max_num_steps exceeded"),
+        (dict(), "backward pass: underflow in dt"),
+    ],
+)
+def test_adjoint_backward_runaway_raises_solver_error(caps: dict, pattern: str) -> None:
+    # fθ is 0 in the (no-grad) forward solve and -y³ in the adjoint pass, which blows up going back in time
+    kw = dict(max_nfe=100_000, max_num_steps=100_000) | caps
+    solver = ODESolver(Power(-1.0, backward_only=True), SolverConfig(**kw))
+    y = solver(torch.full((2,), 2.0, dtype=F64, requires_grad=True))
+    with pytest.raises(SolverError, match=pattern):
+        y[-1].sum().backward()
+
+
+def test_bad_times_and_state() -> None:
+    solver = ODESolver(Linear(-1.0), SolverConfig(adjoint=False))
+    with pytest.raises(ValueError, match="'t'"):
+        solver(torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0, 0.5]))
+    with pytest.raises(ValueError, match="'y0'"):
+        solver([torch.ones(2)])
+
+
+def test_adjoint_backward_non_finite_raises_solver_error() -> None:
+    class NaNBackward(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.k = nn.Parameter(torch.tensor(1.0, dtype=F64))
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.k * y * (float("nan") if torch.is_grad_enabled() else 1.0)
+
+    solver = ODESolver(NaNBackward())
+    y = solver(torch.ones(3, dtype=F64, requires_grad=True))
+    with pytest.raises(SolverError, match="backward pass: non-finite values"):
+        y[-1].sum().backward()
