@@ -1,0 +1,293 @@
+"""KiTS19 case folders: listing, header-first validation, lazy loading, HU windowing, slice selection.
+
+Layout (official release): ``<root>/case_XXXXX/imaging.nii.gz`` and ``segmentation.nii.gz``, arrays of
+shape (slices, H, W); labels 0 background, 1 kidney, 2 tumour. Headers are read and checked (3-D, sane
+dimensions, matching shape and affine) before any voxel is decompressed; the voxel data then comes from the
+nibabel array proxy (``dataobj``). Every problem raises ``InputError(path, problem)``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
+from nodeseg.errors import InputError, check_arg
+
+__all__ = [
+    "IMAGING",
+    "LABELS",
+    "MAX_AXIS",
+    "MAX_VOXELS",
+    "SEGMENTATION",
+    "KitsCase",
+    "case_id_of",
+    "foreground",
+    "kept_slices",
+    "list_cases",
+    "normalise_hu",
+    "open_case",
+    "read_volume",
+]
+
+IMAGING = "imaging.nii.gz"
+SEGMENTATION = "segmentation.nii.gz"
+LABELS = {0: "background", 1: "kidney", 2: "tumour"}
+MAX_AXIS = 4096
+MAX_VOXELS = 1 << 29  # 537 M voxels: 2 GiB as float32; the largest interpolated KiTS19 case has 116 M
+CASE_RE = re.compile(r"case_\d{5}")
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, struct.error, ImageFileError, HeaderDataError)
+
+
+def _oneline(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def case_id_of(folder: str | os.PathLike[str]) -> str:
+    """The case id of a case folder (its name), refusing names other than ``case_XXXXX``."""
+    folder = Path(folder)
+    if not CASE_RE.fullmatch(folder.name):
+        shown = f"{folder.parent.name}/{folder.name}" if folder.parent.name else folder.name
+        raise InputError(folder, f"bad case folder name: got {shown!r}: expected case_XXXXX (five digits, e.g. case_00007)")
+    return folder.name
+
+
+def list_cases(root: str | os.PathLike[str]) -> list[Path]:
+    """The case folders under ``root``, sorted; files (kits.json, LICENSE) and hidden entries are ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(root, "not a folder: expected a KiTS19 root holding case_XXXXX folders")
+    cases = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        case_id_of(entry)
+        cases.append(entry)
+    if not cases:
+        raise InputError(root, "no case_XXXXX folders found: expected <root>/case_00000/segmentation.nii.gz, ...")
+    return cases
+
+
+def _load_header(path: Path, max_axis: int, max_voxels: int) -> nib.Nifti1Image:
+    """Open ``path`` lazily and check the header: 3-D, positive finite spacing, sane dimensions."""
+    try:
+        img = nib.load(path)
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except _READ_ERRORS as err:
+        raise InputError(path, f"cannot read the NIfTI header: corrupt or truncated gzip, or not NIfTI "
+                               f"({_oneline(err)}); re-download or re-export the file") from None
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise InputError(path, f"expected a NIfTI image, got {type(img).__name__}")
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) != 3:
+        raise InputError(path, f"expected a 3-D volume (slices, H, W), got shape {shape}")
+    if min(shape) < 1 or max(shape) > max_axis:
+        raise InputError(path, f"absurd dimensions {shape}: each axis must be between 1 and {max_axis}")
+    n = int(np.prod(shape, dtype=np.int64))
+    if n > max_voxels:
+        raise InputError(path, f"absurd dimensions {shape}: {n} voxels exceed the budget of {max_voxels}")
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    if not all(np.isfinite(z) and z > 0 for z in zooms):
+        raise InputError(path, f"voxel spacing {tuple(zooms)} must be positive and finite (check pixdim)")
+    if not np.isfinite(img.affine).all():
+        raise InputError(path, "affine holds NaN or inf (check the sform/qform)")
+    return img
+
+
+def _read(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    """All voxels, unscaled, in the stored dtype."""
+    try:
+        return np.asarray(img.dataobj.get_unscaled())
+    except MemoryError:
+        raise InputError(path, f"not enough memory to load a volume of shape {img.shape}") from None
+    except _READ_ERRORS as err:
+        raise InputError(path, f"truncated or corrupt voxel data ({_oneline(err)}); re-download the file") from None
+
+
+def _first_index(bad: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad.ravel())), bad.shape))
+
+
+def _check_finite(a: np.ndarray, path: Path) -> None:
+    if np.issubdtype(a.dtype, np.floating):
+        finite = np.isfinite(a)
+        if not finite.all():
+            bad = ~finite
+            raise InputError(path, f"{int(bad.sum())} NaN/inf voxels (first at (slice, row, col) = "
+                                   f"{_first_index(bad)}); fix or drop the case")
+
+
+@dataclass
+class KitsCase:
+    """An opened case: headers checked, voxels not loaded yet."""
+
+    case_id: str
+    folder: Path
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]  # (slice, row, col) mm
+    affine: np.ndarray
+    segmentation_image: nib.Nifti1Image
+    imaging_image: nib.Nifti1Image | None
+
+    @property
+    def has_imaging(self) -> bool:
+        return self.imaging_image is not None
+
+    def load_segmentation(self) -> np.ndarray:
+        """Labels as uint8 (slices, H, W); InputError for NaN/inf or values outside {0, 1, 2}."""
+        path = self.folder / SEGMENTATION
+        img = self.segmentation_image
+        a = _read(img, path)
+        slope, inter = img.dataobj.slope, img.dataobj.inter
+        if (slope, inter) != (1.0, 0.0):
+            a = a * np.float32(slope) + np.float32(inter)
+        _check_finite(a, path)
+        if a.dtype == np.bool_:
+            return a.astype(np.uint8)
+        if np.issubdtype(a.dtype, np.integer) and a.size and (a.min() >= 0 and a.max() <= 2):
+            return a.astype(np.uint8, copy=False)
+        bad = ~np.isin(a, (0, 1, 2))
+        if bad.any():
+            values = np.unique(a[bad])
+            shown = ", ".join(repr(v.item()) for v in values[:5]) + (", ..." if values.size > 5 else "")
+            raise InputError(path, f"labels outside {{0, 1, 2}} (0 background, 1 kidney, 2 tumour): found {shown} "
+                                   f"in {int(bad.sum())} voxels, first at (slice, row, col) = {_first_index(bad)}")
+        return a.astype(np.uint8)
+
+    def load_imaging(self, slices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """CT in HU as float32 (slices, H, W), only the given slice indices if any; NaN/inf refused."""
+        if self.imaging_image is None:
+            raise InputError(self.folder / IMAGING, "file not found")
+        return _hu(self.imaging_image, self.folder / IMAGING, slices)
+
+
+def _hu(img: nib.Nifti1Image, path: Path, slices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """The voxels of ``img`` in HU (scl_slope / scl_inter applied) as float32, optionally some slices only."""
+    raw = _read(img, path)
+    slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
+    if not (np.isfinite(slope) and np.isfinite(inter)):
+        raise InputError(path, f"scl_slope/scl_inter ({slope}, {inter}) must be finite")
+    _check_finite(raw, path)
+    sub = raw if slices is None else raw[np.asarray(slices, dtype=np.intp)]
+    out = sub.astype(np.float32)
+    if (slope, inter) != (1.0, 0.0):
+        out = out * np.float32(slope) + np.float32(inter)
+    return out
+
+
+def read_volume(
+    path: str | os.PathLike[str], *, max_axis: int = MAX_AXIS, max_voxels: int = MAX_VOXELS
+) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """One CT volume outside a case folder (e.g. for prediction): HU float32 (slices, H, W) and its image.
+
+    Same checks as a case's imaging: header first (3-D, dimensions), then finite voxels.
+    """
+    path = Path(path)
+    img = _load_header(path, max_axis, max_voxels)
+    return _hu(img, path), img
+
+
+def open_case(
+    folder: str | os.PathLike[str],
+    *,
+    require_imaging: bool = True,
+    max_axis: int = MAX_AXIS,
+    max_voxels: int = MAX_VOXELS,
+) -> KitsCase:
+    """Open a case folder and check its headers (shape, dimensions, image/segmentation agreement).
+
+    With ``require_imaging=False`` a missing ``imaging.nii.gz`` is allowed (labels-only release).
+    """
+    folder = Path(folder)
+    case_id = case_id_of(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "not a folder: expected a case folder with imaging.nii.gz and segmentation.nii.gz")
+    if not any(folder.iterdir()):
+        raise InputError(folder, f"empty case folder: expected {SEGMENTATION}"
+                                 + (f" and {IMAGING}" if require_imaging else ""))
+    seg_path, img_path = folder / SEGMENTATION, folder / IMAGING
+    if not seg_path.exists():
+        raise InputError(seg_path, "file not found: every case folder needs the label volume")
+    seg = _load_header(seg_path, max_axis, max_voxels)
+    img = None
+    if img_path.exists():
+        img = _load_header(img_path, max_axis, max_voxels)
+        if img.shape != seg.shape:
+            raise InputError(img_path, f"shape {tuple(img.shape)} does not match {SEGMENTATION} shape {tuple(seg.shape)}")
+        if not np.allclose(img.affine, seg.affine, rtol=0.0, atol=1e-3):
+            raise InputError(img_path, f"affine does not match {SEGMENTATION}'s: "
+                                       f"{np.round(img.affine[:3], 4).tolist()} vs {np.round(seg.affine[:3], 4).tolist()}")
+    elif require_imaging:
+        raise InputError(img_path, "file not found: the KiTS19 labels-only release has no CT; set pseudo_ct "
+                                   "to synthesise one from the labels, or download the imaging")
+    zooms = tuple(float(z) for z in seg.header.get_zooms()[:3])
+    return KitsCase(
+        case_id=case_id,
+        folder=folder,
+        shape=tuple(int(s) for s in seg.shape),  # type: ignore[arg-type]
+        spacing=zooms,  # type: ignore[arg-type]
+        affine=np.asarray(seg.affine, dtype=np.float64),
+        segmentation_image=seg,
+        imaging_image=img,
+    )
+
+
+def _check_labels(labels: Sequence[int], name: str) -> tuple[int, ...]:
+    ok = (
+        isinstance(labels, (tuple, list))
+        and len(labels) > 0
+        and len(set(labels)) == len(labels)
+        and all(isinstance(v, int) and v in (1, 2) for v in labels)
+    )
+    check_arg(ok, name, labels, "a non-empty list of distinct labels from {1 (kidney), 2 (tumour)}")
+    return tuple(labels)
+
+
+def kept_slices(segmentation: np.ndarray, keep_labels: Sequence[int] = (1,)) -> np.ndarray:
+    """Indices of the slices (axis 0) that contain at least one voxel of any of ``keep_labels``."""
+    keep_labels = _check_labels(keep_labels, "keep_labels")
+    seg = np.asarray(segmentation)
+    check_arg(seg.ndim == 3, "segmentation", f"array of shape {seg.shape}", "a (slices, H, W) array")
+    present = np.zeros(seg.shape[0], dtype=bool)
+    for label in keep_labels:
+        present |= (seg == label).any(axis=(1, 2))
+    return np.flatnonzero(present)
+
+
+def foreground(labels: np.ndarray, foreground_labels: Sequence[int] = (1, 2)) -> np.ndarray:
+    """The binary target (uint8) of a label array: 1 where the label is one of ``foreground_labels``."""
+    fg = _check_labels(foreground_labels, "foreground_labels")
+    return np.isin(labels, fg).astype(np.uint8)
+
+
+def normalise_hu(
+    hu: np.ndarray,
+    window: tuple[float, float] = (-79.0, 304.0),
+    mode: Literal["minmax", "zscore"] = "minmax",
+    stats: tuple[float, float] = (101.0, 76.9),
+) -> np.ndarray:
+    """Clip HU to ``window`` then scale: ``minmax`` → [0, 1]; ``zscore`` → (x − mean) / std with ``stats``.
+
+    The default window is nnU-Net's KiTS19 foreground 0.5/99.5 percentiles; ``stats`` its foreground mean
+    and standard deviation (approximate).
+    """
+    lo, hi = window
+    check_arg(lo < hi, "window", window, "(low, high) with low < high")
+    check_arg(mode in ("minmax", "zscore"), "mode", mode, "'minmax' or 'zscore'")
+    x = np.clip(np.asarray(hu, dtype=np.float32), np.float32(lo), np.float32(hi))
+    if mode == "minmax":
+        return ((x - np.float32(lo)) / np.float32(hi - lo)).astype(np.float32)
+    mean, std = stats
+    check_arg(std > 0, "stats", stats, "(mean, std) with std > 0")
+    return ((x - np.float32(mean)) / np.float32(std)).astype(np.float32)

@@ -1,0 +1,258 @@
+"""KiTS19 case reading: header-first validation, lazy loading, labels, HU windowing, slice selection."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from nodeseg.data.kits19 import (
+    IMAGING,
+    SEGMENTATION,
+    case_id_of,
+    foreground,
+    kept_slices,
+    list_cases,
+    normalise_hu,
+    open_case,
+    read_volume,
+)
+from nodeseg.data.synthetic import kits_affine
+from nodeseg.errors import InputError
+
+SPACING = (3.0, 0.78, 0.78)
+
+
+def _labels(shape: tuple[int, int, int] = (6, 16, 16)) -> np.ndarray:
+    seg = np.zeros(shape, dtype=np.uint8)
+    seg[1:4, 4:10, 4:10] = 1
+    seg[2, 6:8, 6:8] = 2
+    seg[4, 3:5, 3:5] = 2  # a tumour-only slice
+    return seg
+
+
+def _write(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, kits_affine(SPACING) if affine is None else affine), path)
+    return path
+
+
+def _case(root: Path, name: str = "case_00000", seg: np.ndarray | None = None,
+          img: np.ndarray | None = None, with_imaging: bool = True) -> Path:
+    seg = _labels() if seg is None else seg
+    folder = root / name
+    _write(folder / SEGMENTATION, seg)
+    if with_imaging:
+        hu = np.where(seg > 0, 150, -100).astype(np.int16) if img is None else img
+        _write(folder / IMAGING, hu)
+    return folder
+
+
+def test_open_case_reads_headers_then_voxels(tmp_path: Path) -> None:
+    folder = _case(tmp_path)
+    case = open_case(folder)
+    assert case.case_id == "case_00000"
+    assert case.shape == (6, 16, 16)
+    assert case.spacing == pytest.approx(SPACING)
+    np.testing.assert_allclose(case.affine, kits_affine(SPACING), atol=1e-6)
+    seg = case.load_segmentation()
+    assert seg.dtype == np.uint8 and np.array_equal(seg, _labels())
+    hu = case.load_imaging([1, 3])
+    assert hu.dtype == np.float32 and hu.shape == (2, 16, 16)
+    assert hu[0, 5, 5] == 150 and hu[0, 0, 0] == -100
+
+
+def test_uint16_labels_and_scaled_imaging(tmp_path: Path) -> None:
+    folder = tmp_path / "case_00001"
+    _write(folder / SEGMENTATION, _labels().astype(np.uint16))  # 16 real cases store uint16 labels
+    img = nib.Nifti1Image(np.full((6, 16, 16), 10, dtype=np.int16), kits_affine(SPACING))
+    img.header.set_slope_inter(2.0, -5.0)
+    nib.save(img, folder / IMAGING)
+    case = open_case(folder)
+    assert case.load_segmentation().dtype == np.uint8
+    assert np.all(case.load_imaging() == 15.0)
+
+
+def test_list_cases_sorted_ignores_files(tmp_path: Path) -> None:
+    for name in ("case_00002", "case_00000"):
+        _case(tmp_path, name)
+    (tmp_path / "kits.json").write_text("[]")
+    (tmp_path / ".hidden").mkdir()
+    assert [p.name for p in list_cases(tmp_path)] == ["case_00000", "case_00002"]
+
+
+def test_bad_case_folder_name(tmp_path: Path) -> None:
+    root = tmp_path / "kits19"
+    _case(root, "case_7")
+    with pytest.raises(InputError, match=r"got 'kits19/case_7': expected case_XXXXX") as err:
+        list_cases(root)
+    assert err.value.path.endswith("case_7")
+    with pytest.raises(InputError, match="expected case_XXXXX"):
+        case_id_of(root / "case_7")
+
+
+def test_empty_root_and_empty_case_folder(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no case_XXXXX folders"):
+        list_cases(tmp_path)
+    (tmp_path / "case_00003").mkdir()
+    with pytest.raises(InputError, match="empty case folder") as err:
+        open_case(tmp_path / "case_00003")
+    assert err.value.path.endswith("case_00003")
+
+
+def test_missing_imaging_needs_pseudo_ct(tmp_path: Path) -> None:
+    folder = _case(tmp_path, with_imaging=False)
+    with pytest.raises(InputError, match="pseudo_ct") as err:
+        open_case(folder)
+    assert err.value.path.endswith(IMAGING)
+    assert not open_case(folder, require_imaging=False).has_imaging
+
+
+def test_missing_segmentation(tmp_path: Path) -> None:
+    folder = tmp_path / "case_00000"
+    _write(folder / IMAGING, np.zeros((2, 8, 8), np.int16))
+    with pytest.raises(InputError, match="file not found") as err:
+        open_case(folder)
+    assert err.value.path.endswith(SEGMENTATION)
+
+
+def test_corrupt_gzip(tmp_path: Path) -> None:
+    folder = _case(tmp_path)
+    (folder / SEGMENTATION).write_bytes(b"this is not gzip at all" * 10)
+    with pytest.raises(InputError, match="corrupt or truncated gzip") as err:
+        open_case(folder)
+    assert err.value.path == str(folder / SEGMENTATION)
+    assert "\n" not in str(err.value)
+
+
+def test_truncated_nifti_data(tmp_path: Path) -> None:
+    folder = _case(tmp_path)
+    raw = gzip.decompress((folder / IMAGING).read_bytes())
+    (folder / IMAGING).write_bytes(gzip.compress(raw[: len(raw) - 300]))  # header intact, voxels cut short
+    case = open_case(folder)  # the header alone is fine
+    with pytest.raises(InputError, match="truncated or corrupt voxel data") as err:
+        case.load_imaging()
+    assert err.value.path == str(folder / IMAGING)
+    assert "\n" not in str(err.value)
+
+
+def test_truncated_gzip_stream(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    folder = _case(tmp_path, img=rng.integers(-1000, 1000, size=(6, 16, 16)).astype(np.int16))
+    data = (folder / IMAGING).read_bytes()
+    (folder / IMAGING).write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InputError) as err:
+        open_case(folder).load_imaging()
+    assert err.value.path == str(folder / IMAGING)
+
+
+def test_four_d_volume(tmp_path: Path) -> None:
+    folder = tmp_path / "case_00000"
+    _write(folder / SEGMENTATION, np.zeros((4, 8, 8, 2), np.uint8))
+    with pytest.raises(InputError, match=r"expected a 3-D volume .* got shape \(4, 8, 8, 2\)"):
+        open_case(folder, require_imaging=False)
+
+
+def test_shape_mismatch(tmp_path: Path) -> None:
+    folder = _case(tmp_path, img=np.zeros((6, 16, 15), np.int16))
+    with pytest.raises(InputError, match=r"shape \(6, 16, 15\) does not match segmentation.nii.gz shape \(6, 16, 16\)") as err:
+        open_case(folder)
+    assert err.value.path.endswith(IMAGING)
+
+
+def test_affine_mismatch(tmp_path: Path) -> None:
+    folder = _case(tmp_path)
+    _write(folder / IMAGING, np.zeros((6, 16, 16), np.int16), affine=kits_affine((2.5, 0.78, 0.78)))
+    with pytest.raises(InputError, match="affine does not match"):
+        open_case(folder)
+
+
+def test_nan_voxels_in_imaging_and_labels(tmp_path: Path) -> None:
+    img = np.zeros((6, 16, 16), np.float32)
+    img[2, 3, 4] = np.nan
+    img[5, 0, 0] = np.inf
+    case = open_case(_case(tmp_path, img=img))
+    with pytest.raises(InputError, match=r"2 NaN/inf voxels \(first at \(slice, row, col\) = \(2, 3, 4\)\)"):
+        case.load_imaging()
+    seg = _labels().astype(np.float32)
+    seg[0, 0, 0] = np.nan
+    case = open_case(_case(tmp_path, "case_00001", seg=seg))
+    with pytest.raises(InputError, match="NaN/inf"):
+        case.load_segmentation()
+
+
+def test_labels_outside_range(tmp_path: Path) -> None:
+    seg = _labels()
+    seg[0, 1, 2] = 3
+    seg[5, 0, 0] = 7
+    case = open_case(_case(tmp_path, seg=seg))
+    with pytest.raises(InputError, match=r"labels outside \{0, 1, 2\}.*found 3, 7 in 2 voxels") as err:
+        case.load_segmentation()
+    assert err.value.path.endswith(SEGMENTATION)
+    fseg = _labels().astype(np.float32)
+    fseg[1, 1, 1] = 0.5
+    case = open_case(_case(tmp_path, "case_00001", seg=fseg))
+    with pytest.raises(InputError, match="found 0.5"):
+        case.load_segmentation()
+
+
+def _header_only(path: Path, shape: tuple[int, ...]) -> None:
+    """A .nii.gz holding only a header that claims ``shape`` (no voxel data at all)."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(np.uint8)
+    hdr.set_data_shape(shape)
+    hdr.set_qform(kits_affine(SPACING), code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4))
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [((5000, 10, 10), "each axis must be between 1 and 4096"), ((4000, 4000, 4000), "voxels exceed the budget")],
+)
+def test_absurd_dimensions_refused_from_header(tmp_path: Path, shape: tuple[int, int, int], message: str) -> None:
+    folder = tmp_path / "case_00000"
+    _header_only(folder / SEGMENTATION, shape)
+    # the file has no voxels: had it been read we would get 'truncated', not 'absurd dimensions'
+    with pytest.raises(InputError, match=f"absurd dimensions .*{message}"):
+        open_case(folder, require_imaging=False)
+
+
+def test_kept_slices_rules() -> None:
+    seg = _labels()
+    assert kept_slices(seg, (1,)).tolist() == [1, 2, 3]
+    assert kept_slices(seg, (1, 2)).tolist() == [1, 2, 3, 4]
+    assert kept_slices(np.zeros((3, 4, 4), np.uint8)).size == 0
+    with pytest.raises(ValueError, match="keep_labels"):
+        kept_slices(seg, (3,))
+
+
+def test_foreground_union() -> None:
+    seg = _labels()
+    assert np.array_equal(foreground(seg[2]), (seg[2] > 0).astype(np.uint8))
+    assert foreground(seg[2], (1,)).sum() == (seg[2] == 1).sum()
+
+
+def test_normalise_hu() -> None:
+    hu = np.array([-1000.0, -79.0, 112.5, 304.0, 2000.0], dtype=np.float32)
+    np.testing.assert_allclose(normalise_hu(hu), [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
+    z = normalise_hu(hu, mode="zscore", stats=(101.0, 76.9))
+    np.testing.assert_allclose(z, (np.clip(hu, -79, 304) - 101.0) / 76.9, rtol=1e-6)
+    assert z.dtype == np.float32
+    with pytest.raises(ValueError, match="window"):
+        normalise_hu(hu, window=(10.0, -10.0))
+
+
+def test_read_volume_standalone(tmp_path: Path) -> None:
+    path = _write(tmp_path / "ct.nii.gz", np.full((3, 8, 8), -50, np.int16))
+    hu, img = read_volume(path)
+    assert hu.dtype == np.float32 and hu.shape == (3, 8, 8) and np.all(hu == -50)
+    np.testing.assert_allclose(img.affine, kits_affine(SPACING), atol=1e-6)
+    _header_only(tmp_path / "huge.nii.gz", (5000, 10, 10))
+    with pytest.raises(InputError, match="absurd dimensions"):
+        read_volume(tmp_path / "huge.nii.gz")
+    with pytest.raises(InputError, match="file not found"):
+        read_volume(tmp_path / "missing.nii.gz")
