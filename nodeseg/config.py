@@ -45,6 +45,10 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
 
     if tp is Any:
         return value
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise bad()
+        return dict(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise bad()
@@ -75,7 +79,7 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
             raise ConfigError(f"{source}: {where}: expected {len(args)} values, got {value!r}")
         if not args:
             return tuple(value)
-        return tuple(_convert(v, a, f"{where}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_convert(v, a, f"{where}[{i}]", source) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,9 @@ def kits19_labels_dir() -> Path:
     """The 210 real KiTS19 label volumes, or a skip with the reason."""
     root = shared_data_dir()
     if root is None or not (root / "kits19-interpolated").is_dir():
-        pytest.skip("real KiTS19 labels absent: set NODESEG_TEST_DATA or provide ../shared/data/kits19-interpolated")
+        pytest.skip(
+            "real KiTS19 labels absent: set NODESEG_TEST_DATA or provide ../shared/data/kits19-interpolated"
+        )
     return root / "kits19-interpolated"
 
 
@@ -39,3 +42,17 @@ def kits19_labels_dir() -> Path:
 def _seed() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep test runs out of the working directory's MLflow store: one sqlite store for the session."""
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        yield
+        return
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    try:
+        yield
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)

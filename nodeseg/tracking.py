@@ -1,0 +1,131 @@
+"""MLflow tracking for stage runs: rank 0 only, a local sqlite store unless MLFLOW_TRACKING_URI says otherwise."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "nodeseg"
+_MAX_PARAM_LEN = 6000
+
+
+def tracking_uri(workdir: Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<workdir>/mlflow.db`` (no server needed)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri:
+        return uri
+    root = Path(workdir) if workdir is not None else Path.cwd()
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def configure(workdir: Path | None = None) -> str:
+    """Point MLflow at :func:`tracking_uri` (tracking and registry) and return the URI."""
+    import mlflow
+
+    uri = tracking_uri(workdir)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", "").strip() or uri)
+    return uri
+
+
+class Tracker:
+    """One MLflow run. Disabled trackers (other DDP ranks, ``enabled=False``) accept every call and do nothing."""
+
+    def __init__(
+        self,
+        stage: str,
+        *,
+        enabled: bool = True,
+        workdir: Path | None = None,
+        experiment: str | None = None,
+        parent_run_id: str | None = None,
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        self.stage = stage
+        self.enabled = enabled
+        self.run_id: str | None = None
+        self._workdir = workdir
+        self._experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        self._parent = parent_run_id
+        self._run_name = run_name or stage
+        self._tags = {"nodeseg.stage": stage, **(tags or {})}
+
+    def __enter__(self) -> Tracker:
+        if not self.enabled:
+            return self
+        import mlflow
+
+        configure(self._workdir)
+        mlflow.set_experiment(self._experiment)
+        tags = dict(self._tags)
+        if self._parent:
+            tags["mlflow.parentRunId"] = self._parent
+        run = mlflow.start_run(run_name=self._run_name, tags=tags, nested=bool(self._parent))
+        self.run_id = run.info.run_id
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        import mlflow
+
+        status = "FINISHED" if exc_type is None else "FAILED"
+        if exc is not None:
+            self.set_tags({"nodeseg.error": str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__})
+        mlflow.end_run(status=status)
+
+    # -- logging ---------------------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log flat params (values stringified and truncated to MLflow's limit)."""
+        if not self.enabled:
+            return
+        import mlflow
+
+        clean = {k: str(v)[:_MAX_PARAM_LEN] for k, v in params.items()}
+        items = list(clean.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i : i + 100]))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log finite numeric metrics; non-finite values are skipped with a debug message."""
+        if not self.enabled:
+            return
+        import mlflow
+
+        clean = {}
+        for k, v in metrics.items():
+            if v is None:
+                continue
+            v = float(v)
+            if math.isfinite(v):
+                clean[k] = v
+            else:
+                log.debug("metric %s=%s not logged (non-finite)", k, v)
+        if clean:
+            mlflow.log_metrics(clean, step=step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        import mlflow
+
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file or a folder to the run's artifact store."""
+        if not self.enabled:
+            return
+        import mlflow
+
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+        elif path.is_file():
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)

@@ -1,0 +1,377 @@
+"""The one training loop: Adam, LR ramp-up then annealing on plateau, atomic checkpoints, resume, DDP.
+
+The loop knows nothing of the model beyond ``model(image) -> phi`` and, for Neural-ODE models, the
+``nfe_forward`` / ``nfe_backward`` counters of the last step. Every stage that trains
+(pretrain, refine, image-evolve, tune trials) calls :func:`fit`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from tqdm.auto import tqdm
+
+from nodeseg.data.transforms import AugmentConfig
+from nodeseg.errors import SolverError, TrainingDiverged, check_arg
+from nodeseg.losses import narrow_band_mse
+from nodeseg.tracking import Tracker
+from nodeseg.train import checkpoint as ckpt
+from nodeseg.train.ddp import DistInfo, all_reduce_sum, any_rank, barrier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one training stage (a section of params.yaml)."""
+
+    epochs: int = 10
+    batch_size: int = 8  # global batch: each of W ranks takes batch_size / W
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 50  # linear ramp-up of the LR from warmup_start_factor * lr
+    warmup_start_factor: float = 0.1
+    plateau_patience: int = 2  # epochs without improvement before the LR is annealed
+    plateau_factor: float = 0.5
+    min_lr: float = 1e-6
+    grad_clip: float = 0.0  # max gradient norm; 0 disables
+    band_width: float = 1.0  # width (pixels) of the tanh narrow band in the loss
+    select_samples: int = 8  # per-sample validation losses of the first N samples go into each checkpoint
+    max_batches_per_epoch: int = 0  # 0: the whole training set every epoch
+    val_batch_size: int = 8
+    num_workers: int = 0
+    log_every: int = 10
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        check_arg(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        check_arg(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        check_arg(self.lr > 0, "lr", self.lr, "> 0")
+        check_arg(all(0 <= b < 1 for b in self.betas), "betas", self.betas, "two values in [0, 1)")
+        check_arg(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        check_arg(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
+        check_arg(0 < self.warmup_start_factor <= 1, "warmup_start_factor", self.warmup_start_factor, "in (0, 1]")
+        check_arg(self.plateau_patience >= 0, "plateau_patience", self.plateau_patience, ">= 0")
+        check_arg(0 < self.plateau_factor < 1, "plateau_factor", self.plateau_factor, "in (0, 1)")
+        check_arg(self.min_lr >= 0, "min_lr", self.min_lr, ">= 0")
+        check_arg(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0 disables)")
+        check_arg(self.band_width > 0, "band_width", self.band_width, "> 0")
+        check_arg(self.select_samples >= 1, "select_samples", self.select_samples, ">= 1")
+        check_arg(self.max_batches_per_epoch >= 0, "max_batches_per_epoch", self.max_batches_per_epoch, ">= 0")
+        check_arg(self.val_batch_size >= 1, "val_batch_size", self.val_batch_size, ">= 1")
+        check_arg(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
+        check_arg(self.log_every >= 1, "log_every", self.log_every, ">= 1")
+
+    def resumable_view(self) -> dict[str, Any]:
+        """The settings a resume must agree on (``epochs`` may grow to extend a run)."""
+        d = asdict(self)
+        d.pop("epochs")
+        d.pop("num_workers")
+        d.pop("log_every")
+        return d
+
+
+@dataclass
+class FitResult:
+    """What a finished :func:`fit` leaves: the checkpoints, the history, and the final model."""
+
+    checkpoint_dir: Path
+    epochs_done: int
+    resumed_from: int
+    history: list[dict[str, float]]
+    last_checkpoint: Path | None
+
+
+def _nfe(model: nn.Module) -> tuple[int, int] | None:
+    """(forward, backward) evaluations of the last step for Neural-ODE models, None for plain networks."""
+    if not hasattr(model, "nfe_forward"):
+        return None
+    return int(model.nfe_forward), int(model.nfe_backward)
+
+
+def _batch_tensors(batch: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    image = batch["image"].to(device, non_blocking=True)
+    phi = batch["phi"].to(device, non_blocking=True)
+    valid = batch["valid"].to(device, non_blocking=True) if "valid" in batch else torch.ones_like(phi)
+    return image, phi, valid
+
+
+@torch.no_grad()
+def validation_losses(
+    model: nn.Module, dataset: Dataset, *, band_width: float, batch_size: int, info: DistInfo
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-sample validation losses in dataset order (every rank gets all of them) and summary statistics.
+
+    Ranks take interleaved samples and the results are summed, so the values do not depend on the number of
+    ranks. The statistics are the mean NFE per batch and the IoU over the split (φ̂ < 0 against φ < 0).
+    """
+    was_training = model.training
+    model.eval()
+    n = len(dataset)  # type: ignore[arg-type]
+    losses = torch.zeros(n, dtype=torch.float64)
+    mine = list(range(info.rank, n, info.world_size))
+    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False)
+    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # nfe, batches, tp, fp, fn
+    pos = 0
+    for batch in loader:
+        image, phi, valid = _batch_tensors(batch, info.device)
+        pred = model(image)
+        per = narrow_band_mse(pred, phi, valid, width=band_width, reduction="none")
+        idx = torch.tensor(mine[pos : pos + len(per)])
+        losses[idx] = per.double().cpu()
+        pos += len(per)
+        keep = valid != 0
+        p, t = (pred < 0) & keep, (phi < 0) & keep
+        sums[2] += float((p & t).sum())
+        sums[3] += float((p & ~t).sum())
+        sums[4] += float((~p & t).sum())
+        counts = _nfe(model)
+        if counts is not None:
+            sums[0] += counts[0]
+            sums[1] += 1
+    model.train(was_training)
+    if info.enabled:
+        losses = losses.to(info.device)
+        torch.distributed.all_reduce(losses)
+        losses = losses.cpu()
+        sums = all_reduce_sum(sums, info)
+    nfe, batches, tp, fp, fn = sums
+    stats = {"val_nfe": nfe / batches if batches else 0.0, "val_iou": tp / (tp + fp + fn) if tp + fp + fn else 0.0}
+    return losses, stats
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    buf = io.StringIO()
+    keys: list[str] = []
+    for r in rows:
+        keys.extend(k for k in r if k not in keys)
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    ckpt.atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    seed: int,
+    model_spec: Mapping[str, Any],
+    data_id: str,
+    info: DistInfo,
+    tracker: Tracker,
+    stage: str,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``train_set``; checkpoint every epoch into ``out_dir/checkpoints``; resume if possible.
+
+    ``model_spec`` (how to rebuild the model) and ``data_id`` (which shards) go into every checkpoint and into
+    the resume fingerprint with the training settings, so a checkpoint is only resumed by the run it belongs to.
+    """
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    world = info.world_size
+    if cfg.batch_size % world:
+        raise ValueError(
+            f"argument 'batch_size' ({cfg.batch_size}) must be divisible by the number of ranks ({world})"
+        )
+    per_rank = cfg.batch_size // world
+    model.to(info.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        opt, start_factor=cfg.warmup_start_factor, end_factor=1.0, total_iters=max(cfg.warmup_steps, 1)
+    )
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr
+    )
+    # the world size is left out on purpose: the global batch and the sample order do not depend on it,
+    # so an elastic job that restarts with fewer or more workers resumes the same run
+    fp = ckpt.fingerprint(stage, dict(model_spec), cfg.resumable_view(), data_id, seed)
+
+    start_epoch, global_step = 0, 0
+    history: list[dict[str, float]] = []
+    steps_log: list[dict[str, float]] = []
+    found = ckpt.latest(ckpt_dir)
+    if found is not None:
+        path, state = found
+        if state.get("fingerprint") != fp:
+            if info.is_main:
+                moved = ckpt.supersede(ckpt_dir, str(state.get("fingerprint")))
+                log.warning("%s: checkpoints of a run with other settings moved to %s; starting afresh",
+                            ckpt_dir, moved)
+            barrier(info)
+        else:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            warmup.load_state_dict(state["warmup"])
+            plateau.load_state_dict(state["plateau"])
+            ckpt.set_rng_state(state["rng"])
+            start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
+            history = list(state["history"])
+            steps_log = list(state["steps"])
+            if info.is_main:
+                log.info("resuming %s from %s (epoch %d)", stage, path, start_epoch)
+
+    ddp_model: nn.Module = model
+    if info.enabled:
+        ddp_model = DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None
+        )
+
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=info.rank, shuffle=True, seed=seed, drop_last=True)
+    loader = DataLoader(
+        train_set,
+        batch_size=per_rank,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        drop_last=True,
+        persistent_workers=False,
+    )
+    if len(loader) == 0:
+        raise ValueError(
+            f"the training set ({len(train_set)} samples) is smaller than one global batch ({cfg.batch_size})"  # type: ignore[arg-type]
+        )
+    tracker.set_tags({"nodeseg.fingerprint": fp, "nodeseg.resumed_from_epoch": start_epoch})
+    last_path: Path | None = ckpt.checkpoint_path(ckpt_dir, start_epoch) if start_epoch else None
+
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch)  # type: ignore[attr-defined]
+        model.train()
+        n_batches = len(loader) if not cfg.max_batches_per_epoch else min(len(loader), cfg.max_batches_per_epoch)
+        bar = tqdm(total=n_batches, desc=f"{stage} epoch {epoch + 1}/{cfg.epochs}", disable=not info.is_main,
+                   mininterval=2.0, leave=False)
+        t_epoch = time.perf_counter()
+        loss_sum, loss_n = 0.0, 0
+        for i, batch in enumerate(loader):
+            if i >= n_batches:
+                break
+            t0 = time.perf_counter()
+            image, phi, valid = _batch_tensors(batch, info.device)
+            failure = ""
+            loss = torch.zeros((), device=info.device)
+            try:
+                pred = ddp_model(image)
+                loss = narrow_band_mse(pred, phi, valid, width=cfg.band_width)
+                if not torch.isfinite(loss):
+                    failure = f"the loss became {loss.item()}"
+            except SolverError as err:
+                failure = str(err)
+            if any_rank(bool(failure), info):
+                raise TrainingDiverged(
+                    f"{stage}: epoch {epoch + 1} step {global_step + 1}: {failure or 'another rank failed'};"
+                    f" the last good checkpoint is kept ({last_path or 'none yet'})"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            global_step += 1
+            if global_step <= cfg.warmup_steps:
+                warmup.step()
+            counts = _nfe(model)
+            rec = {
+                "epoch": epoch + 1,
+                "step": global_step,
+                "loss": float(loss.detach()),
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - t0,
+            }
+            if counts is not None:
+                rec["nfe_forward"], rec["nfe_backward"] = float(counts[0]), float(counts[1])
+            steps_log.append(rec)
+            loss_sum += rec["loss"]
+            loss_n += 1
+            if global_step % cfg.log_every == 0 or i == n_batches - 1:
+                tracker.log_metrics({f"train/{k}": v for k, v in rec.items() if k not in ("epoch", "step")},
+                                    step=global_step)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", **({"nfe": counts[0]} if counts else {}))
+            bar.update(1)
+        bar.close()
+        train_loss = all_reduce_sum([loss_sum, float(loss_n)], info)
+        per_sample, val_stats = validation_losses(
+            model, val_set, band_width=cfg.band_width, batch_size=cfg.val_batch_size, info=info
+        )
+        val_loss = float(per_sample.mean()) if len(per_sample) else float("nan")
+        first = float(per_sample[: cfg.select_samples].mean()) if len(per_sample) else float("nan")
+        if not math.isfinite(val_loss):
+            raise TrainingDiverged(
+                f"{stage}: epoch {epoch + 1}: the validation loss is {val_loss}; the last good checkpoint is kept"
+                f" ({last_path or 'none yet'})"
+            )
+        plateau.step(val_loss)
+        row = {
+            "epoch": epoch + 1,
+            "step": global_step,
+            "train_loss": train_loss[0] / max(train_loss[1], 1.0),
+            "val_loss": val_loss,
+            f"val_loss_first{cfg.select_samples}": first,
+            "lr": opt.param_groups[0]["lr"],
+            **val_stats,
+            "seconds": time.perf_counter() - t_epoch,
+        }
+        history.append(row)
+        tracker.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "step")}, step=epoch + 1)
+        if info.is_main:
+            last_path = ckpt.checkpoint_path(ckpt_dir, epoch + 1)
+            ckpt.save(
+                last_path,
+                {
+                    "stage": stage,
+                    "fingerprint": fp,
+                    "model_spec": dict(model_spec),
+                    "data_id": data_id,
+                    "seed": seed,
+                    "epoch": epoch + 1,
+                    "global_step": global_step,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "warmup": warmup.state_dict(),
+                    "plateau": plateau.state_dict(),
+                    "rng": ckpt.rng_state(),
+                    "metrics": row,
+                    "val_head": [float(v) for v in per_sample[: cfg.select_samples]],
+                    "history": history,
+                    "steps": steps_log,
+                    "train_config": asdict(cfg),
+                },
+            )
+            _write_csv(out_dir / "train_log.csv", steps_log)
+            _write_csv(out_dir / "val_log.csv", history)
+            log.info("%s epoch %d: val_loss %.5f (first %d: %.5f)", stage, epoch + 1, val_loss,
+                     cfg.select_samples, first)
+        barrier(info)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, row)
+
+    if info.is_main:
+        _write_csv(out_dir / "train_log.csv", steps_log)
+        _write_csv(out_dir / "val_log.csv", history)
+    return FitResult(
+        checkpoint_dir=ckpt_dir,
+        epochs_done=max(cfg.epochs, start_epoch),
+        resumed_from=start_epoch,
+        history=history,
+        last_checkpoint=last_path,
+    )
