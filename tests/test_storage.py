@@ -550,6 +550,8 @@ def test_credentials_never_logged(
 ) -> None:
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     caplog.set_level(logging.DEBUG)  # botocore and s3transfer debug logging included
+    for name in ("botocore", "s3transfer", "urllib3"):  # the CLI quietens these globally when it runs
+        caplog.set_level(logging.DEBUG, logger=name)
     _write_tree(tmp_path / "tree")
     storage.upload(tmp_path / "tree", f"s3://{bucket}/t", settings=FAST)
     storage.download(f"s3://{bucket}/t", tmp_path / "back", settings=FAST)

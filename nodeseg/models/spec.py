@@ -1,0 +1,58 @@
+"""Model specs: the plain-data description stored in every checkpoint, and rebuilding a model from one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from nodeseg.config import to_mapping
+from nodeseg.errors import InputError
+from nodeseg.models.registry import KINDS, build_model
+from nodeseg.train import checkpoint as ckpt
+
+
+def make_spec(kind: str, section: Any, in_channels: int = 1, unet: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A spec from a params model section (preset, sizes, solver) and the data's channel count."""
+    spec: dict[str, Any] = {"kind": kind, "preset": section.preset, "sizes": dict(section.sizes)}
+    if kind in ("unet", "image", "nodestack"):
+        spec["sizes"].setdefault("in_channels", in_channels)
+    if kind != "unet":
+        spec["solver"] = to_mapping(section.solver)
+    if kind == "contour":
+        if unet is None:
+            raise ValueError("argument 'unet' must be the spec of the pretrained UNet for kind 'contour'")
+        spec["unet"] = unet
+    return spec
+
+
+def build_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """Build the (untrained) module a spec describes."""
+    kind = spec["kind"]
+    if kind not in KINDS:
+        raise ValueError(f"model spec kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    kwargs = dict(spec.get("sizes", {}))
+    if "solver" in spec:
+        kwargs["solver"] = spec["solver"]
+    if kind == "contour":
+        kwargs["unet"] = build_from_spec(spec["unet"])
+    return build_model(kind, spec.get("preset"), **kwargs)
+
+
+def load_model(path: Path, expect: tuple[str, ...] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild and load the model of a checkpoint; a checkpoint of another kind gives a one-line ``InputError``."""
+    payload = ckpt.load(path)
+    spec = payload.get("model_spec")
+    if not isinstance(spec, dict) or "kind" not in spec:
+        raise InputError(path, "checkpoint has no model spec")
+    if expect is not None and spec["kind"] not in expect:
+        raise InputError(path, f"checkpoint holds a {spec['kind']!r} model, expected {' or '.join(map(repr, expect))}")
+    try:
+        model = build_from_spec(spec)
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0][:160]
+        raise InputError(path, f"weights do not fit the model spec ({first})") from None
+    model.eval()
+    return model, payload
