@@ -218,8 +218,10 @@ def test_tuple_state_binds_atol_on_phi() -> None:
     err_tuple = (tupled((phi0, h0))[0][-1] - ref).pow(2).mean().sqrt().item()
     concat = ODESolver(inner, cfg)
     err_concat = (concat(torch.cat([phi0, h0], dim=1))[-1][:, :1] - ref).pow(2).mean().sqrt().item()
-    print(f"tuple: NFE {tupled.nfe_forward}, RMS φ error {err_tuple:.2g}; "
-          f"concat: NFE {concat.nfe_forward}, RMS φ error {err_concat:.2g}")
+    print(
+        f"tuple: NFE {tupled.nfe_forward}, RMS φ error {err_tuple:.2g}; "
+        f"concat: NFE {concat.nfe_forward}, RMS φ error {err_concat:.2g}"
+    )
     assert tupled.nfe_forward > concat.nfe_forward
     assert err_tuple < err_concat / 2
 
