@@ -23,7 +23,7 @@ class NodesegModel(mlflow.pyfunc.PythonModel):
 
         self.model, self.payload = load_model(Path(context.artifacts["checkpoint"]))
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         if x.ndim == 3:
             x = x[:, None]
@@ -31,16 +31,29 @@ class NodesegModel(mlflow.pyfunc.PythonModel):
             return self.model(x)[:, 0].numpy()
 
 
-def log_pyfunc(checkpoint: Path, name: str, registered_model_name: str | None = None) -> Any:
-    """Log ``checkpoint`` as a pyfunc model in the active run (optionally registering it); the model info."""
+def signature(channels: int, size: int) -> Any:
+    """Tensor signature: float32 images (-1, C, size, size) in, φ̂ (-1, size, size) out."""
+    from mlflow.models import infer_signature
+
+    return infer_signature(np.zeros((1, channels, size, size), np.float32), np.zeros((1, size, size), np.float32))
+
+
+def log_pyfunc(checkpoint: Path, name: str, registered_model_name: str | None = None,
+               channels: int = 1, size: int = 200) -> Any:
+    """Log ``checkpoint`` as a pyfunc model in the active run (optionally registering it); the model info.
+
+    The model is logged "from code" (``serving_entry.py``), with the nodeseg package as code, so loading it
+    needs torch and torchdiffeq but neither nodeseg installed nor unpickling of Python objects.
+    """
     import nodeseg
 
     package = Path(nodeseg.__file__).parent
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=NodesegModel(),
+        python_model=str(package / "serving_entry.py"),
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=[str(package)],
         pip_requirements=PIP_REQUIREMENTS,
         registered_model_name=registered_model_name,
+        signature=signature(channels, size),
     )

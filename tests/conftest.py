@@ -15,6 +15,10 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
+# shared fixtures, imported as plugins so that their asserts are rewritten too:
+# pipeline_params (tiny params, the session pipeline `run`), s3_server (moto on 127.0.0.1)
+pytest_plugins = ["pipeline_params", "s3_server"]
+
 
 def shared_data_dir() -> Path | None:
     """The real-data folder: $NODESEG_TEST_DATA, else ../shared/data from the repository root."""

@@ -1,10 +1,18 @@
-"""Tiny pipeline params shared by the stage and DVC tests (imported as a plain module, like s3_server)."""
+"""Tiny pipeline params, and the tiny pipeline run once per session (a plugin: `pytest_plugins = [\"pipeline_params\"]`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from nodeseg.params import Params, load_params
+from nodeseg.stages.generate import generate
+from nodeseg.stages.image_evolve import image_evolve
+from nodeseg.stages.preprocess import preprocess
+from nodeseg.stages.pretrain import pretrain
+from nodeseg.stages.refine import refine
+from nodeseg.stages.select import select_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,3 +30,19 @@ TINY = [
 def tiny_params(*extra: str) -> Params:
     """The committed params.yaml shrunk to seconds of work."""
     return load_params([REPO / "params.yaml"], [*TINY, *extra])
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """generate → preprocess → pretrain → select → refine → image-evolve, once per test session."""
+    root = tmp_path_factory.mktemp("pipeline")
+    params = tiny_params()
+    paths = {"raw": root / "raw", "shards": root / "shards", "pretrain": root / "pretrain",
+             "select": root / "select", "refine": root / "refine", "image": root / "image_evolve"}
+    generate(paths["raw"], params)
+    preprocess(paths["raw"], paths["shards"], params)
+    pretrain(paths["shards"], paths["pretrain"], params)
+    select_checkpoint(paths["pretrain"], paths["select"], params.select)
+    refine(paths["shards"], paths["select"] / "model.pt", paths["refine"], params)
+    image_evolve(paths["shards"], paths["image"], params)
+    return paths

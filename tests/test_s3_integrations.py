@@ -5,39 +5,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
+import mlflow_server as mlflow_server_process
 import pytest
+from mlflow_server import MlflowServer, tail
 
 pytestmark = pytest.mark.slow
 pytest_plugins = ["s3_server"]  # fixtures: moto_endpoint (one per session), s3_env, bucket
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(text: str, n: int = 3000) -> str:
-    return text[-n:]
-
-
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
-        pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{_tail(proc.stdout + proc.stderr)}")
+        pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{tail(proc.stdout + proc.stderr)}")
     return proc.stdout + proc.stderr
 
 
@@ -97,46 +84,18 @@ def test_dvc_remote_on_s3(bucket: str, s3_env: str, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- MLflow
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 150.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited {proc.returncode}:\n{_tail(log.read_text(errors='replace'))}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"mlflow server not ready after {timeout:.0f} s:\n{_tail(log.read_text(errors='replace'))}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Terminate the server's process group (mlflow starts uvicorn as a child)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # children left behind by the leader
-    except ProcessLookupError:
-        pass
-
-
 @dataclass
-class MlflowServer:
-    url: str
+class S3MlflowServer:
+    server: MlflowServer
     bucket: str
-    proc: subprocess.Popen[bytes]
-    log: Path
+
+    @property
+    def url(self) -> str:
+        return self.server.url
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _mlflow_boot(aws_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+def _mlflow_boot(aws_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3MlflowServer]:
     """Start ``mlflow server`` when the module starts, so that it boots while the DVC test runs.
 
     It binds 127.0.0.1 and proxies artifacts to ``s3://<bucket>/mlartifacts`` on moto; it is always stopped.
@@ -154,32 +113,24 @@ def _mlflow_boot(aws_env: dict[str, str], tmp_path_factory: pytest.TempPathFacto
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     env.update(aws_env)
     del env["AWS_ENDPOINT_URL"]  # MLFLOW_S3_ENDPOINT_URL must be enough
-    env.update(MLFLOW_S3_ENDPOINT_URL=endpoint, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    port = _free_port()
-    log = tmp / "mlflow-server.log"
-    args = [
-        *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)),
-        *("--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}"),
-        *("--artifacts-destination", f"s3://{bucket}/mlartifacts"),
-    ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    env.update(MLFLOW_S3_ENDPOINT_URL=endpoint)
+    server = mlflow_server_process.start(tmp, env, ["--artifacts-destination", f"s3://{bucket}/mlartifacts"])
     try:
-        yield MlflowServer(f"http://127.0.0.1:{port}", bucket, proc, log)
+        yield S3MlflowServer(server, bucket)
     finally:
-        _stop(proc)
-    assert aws_env["AWS_SECRET_ACCESS_KEY"] not in log.read_text(errors="replace")
+        server.stop()
+    assert aws_env["AWS_SECRET_ACCESS_KEY"] not in server.log.read_text(errors="replace")
 
 
 @pytest.fixture
-def mlflow_server(_mlflow_boot: MlflowServer) -> MlflowServer:
+def mlflow_server(_mlflow_boot: S3MlflowServer) -> S3MlflowServer:
     """The server, once ``/health`` answers."""
-    _wait_ready(_mlflow_boot.url, _mlflow_boot.proc, _mlflow_boot.log)
+    _mlflow_boot.server.wait_ready()
     return _mlflow_boot
 
 
 def test_mlflow_artifacts_on_s3(
-    mlflow_server: MlflowServer, s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mlflow_server: S3MlflowServer, s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mlflow.tracking import MlflowClient
 

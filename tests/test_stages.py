@@ -12,32 +12,10 @@ from pipeline_params import tiny_params
 
 from nodeseg.cli import main
 from nodeseg.stages.evaluate import evaluate
-from nodeseg.stages.generate import generate
-from nodeseg.stages.image_evolve import image_evolve
 from nodeseg.stages.predict import predict
-from nodeseg.stages.preprocess import preprocess
-from nodeseg.stages.pretrain import pretrain
-from nodeseg.stages.refine import refine
-from nodeseg.stages.select import select_checkpoint
 from nodeseg.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """generate → preprocess → pretrain → select → refine → image-evolve, once for the module."""
-    root = tmp_path_factory.mktemp("pipeline")
-    params = tiny_params()
-    paths = {"raw": root / "raw", "shards": root / "shards", "pretrain": root / "pretrain",
-             "select": root / "select", "refine": root / "refine", "image": root / "image_evolve"}
-    generate(paths["raw"], params)
-    preprocess(paths["raw"], paths["shards"], params)
-    pretrain(paths["shards"], paths["pretrain"], params)
-    select_checkpoint(paths["pretrain"], paths["select"], params.select)
-    refine(paths["shards"], paths["select"] / "model.pt", paths["refine"], params)
-    image_evolve(paths["shards"], paths["image"], params)
-    return paths
-
 
 def test_generate_and_preprocess(run: dict[str, Path]) -> None:
     cases = sorted(p.name for p in run["raw"].iterdir())

@@ -27,6 +27,14 @@ def make_spec(kind: str, section: Any, in_channels: int = 1, unet: dict[str, Any
     return spec
 
 
+def input_shape(spec: dict[str, Any]) -> tuple[int, int]:
+    """(channels, side) of the images a model of ``spec`` was trained on (its preprocessing)."""
+    sizes = spec["unet"]["sizes"] if spec["kind"] == "contour" else spec.get("sizes", {})
+    prep = spec.get("preprocessing", {})
+    side = prep.get("saliency_crop", 512) if prep.get("source") == "saliency" else prep.get("size", 200)
+    return int(sizes.get("in_channels", 1)), int(side)
+
+
 def build_from_spec(spec: dict[str, Any]) -> nn.Module:
     """Build the (untrained) module a spec describes."""
     kind = spec["kind"]

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from nodeseg.errors import InputError
+from nodeseg.models.spec import input_shape
 from nodeseg.params import Params
 from nodeseg.tracking import Tracker, configure
+from nodeseg.train import checkpoint as ckpt
 from nodeseg.train.checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,9 @@ def register(eval_dir: Path, params: Params, run_id: str | None = None) -> dict[
 
     def _log_all() -> None:
         for name, ckpt_path in summary["models"].items():
-            info = log_pyfunc(Path(ckpt_path), name=f"{name}-model", registered_model_name=cfg.model_name)
+            channels, size = input_shape(ckpt.load(Path(ckpt_path))["model_spec"])
+            info = log_pyfunc(Path(ckpt_path), name=f"{name}-model", registered_model_name=cfg.model_name,
+                              channels=channels, size=size)
             version = str(info.registered_model_version)
             versions[name] = version
             client.set_model_version_tag(cfg.model_name, version, "nodeseg.kind", name)
