@@ -201,12 +201,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             _stage_paths(args, stack)
             _RUNNERS[args.stage](args)
-    except (NodesegError, ValueError) as err:
-        # NodesegError: bad input, config, runaway solve; ValueError: a checked argument (check_arg)
+    except (NodesegError, ValueError, OSError) as err:
+        # NodesegError: bad input, config, runaway solve; ValueError: a checked argument (check_arg);
+        # OSError: a local path that cannot be read or written (permissions, a file where a folder goes, disk full)
         if args.verbose:
             log.exception("%s failed", args.stage)
-        print(f"nodeseg {args.stage}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return getattr(err, "exit_code", 2)
+        text, code = str(err), getattr(err, "exit_code", 2)
+        if isinstance(err, OSError) and not isinstance(err, NodesegError):
+            if err.filename and err.strerror:
+                text = f"{err.filename}: {err.strerror}"
+                if isinstance(err, FileExistsError) and Path(err.filename).is_file():
+                    text += ": a file is in the way of a folder; choose another path"
+            code = 4
+        print(f"nodeseg {args.stage}: error: {' '.join(text.split())}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(f"nodeseg {args.stage}: interrupted", file=sys.stderr)
         return 130

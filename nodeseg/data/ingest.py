@@ -374,6 +374,10 @@ def build_shards(
             if res.skipped:
                 skipped[res.item_id] = res.skipped
             log.info("%s: %d rows → %s", res.item_id, len(res.records), name)
+        if ids and not any(rows.values()):  # every item was skipped: shards without rows train nothing
+            labels = ", ".join(str(v) for v in cfg.keep_labels)
+            raise InputError(root, f"none of the {len(ids)} cases has a slice with label(s) {labels} "
+                                   "(ingest.keep_labels): no rows to write; check the segmentations or keep_labels")
         files = {name: [str(p.relative_to(tmp)) for p in w.close()] for name, w in writers.items()}
         manifest: dict[str, Any] = {
             "format": "nodeseg-shards",

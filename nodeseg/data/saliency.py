@@ -185,5 +185,6 @@ def load_mask(path: str | os.PathLike[str], threshold: float = 0.5, require_bina
     if require_binary and not set(values.tolist()) <= {0, int(full)}:
         grey = [int(v) for v in values if v not in (0, int(full))]
         raise InputError(path, f"mask is not binary: found grey levels {grey[:5]}{' ...' if len(grey) > 5 else ''} "
-                               f"besides 0 and {int(full)}; use a threshold or set require_binary: false")
+                               f"besides 0 and {int(full)}; save it as a binary mask, or set ingest.require_binary_masks: false "
+                               "to threshold it at ingest.saliency_threshold")
     return (a.astype(np.float32) / np.float32(full) > np.float32(threshold)).astype(np.uint8)

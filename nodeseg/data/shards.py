@@ -233,7 +233,7 @@ def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise InputError(path, "manifest not found: build the shards first (nodeseg ingest)") from None
+        raise InputError(path, "manifest not found: not a shards folder; build one with `nodeseg preprocess`") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(path, f"not a readable JSON manifest ({' '.join(str(err).split())})") from None
     if not isinstance(data, dict) or data.get("format") != "nodeseg-shards" or not isinstance(data.get("splits"), dict):

@@ -95,14 +95,15 @@ def evaluate(shards: Path, checkpoints: dict[str, Path], out: Path, params: Para
     """
     cfg = params.evaluate
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # every input is checked before anything is written: a wrong checkpoint or shards folder leaves no output
+    loaded = {name: load_model(Path(path), expect=(name,))[0] for name, path in checkpoints.items()}
     dataset = SliceDataset(shards, "val")
+    out.mkdir(parents=True, exist_ok=True)
     models: dict[str, nn.Module] = {}
     results: dict[str, dict[str, float]] = {}
     with Tracker("evaluate") as tracker:
         tracker.log_params({"n_val": len(dataset), **flatten(cfg, "evaluate.")})
-        for name, path in checkpoints.items():
-            model, _ = load_model(Path(path), expect=(name,))
+        for name, model in loaded.items():
             models[name] = model
             results[name] = score(model, dataset, cfg)
             tracker.log_metrics({f"{name}/{k}": v for k, v in results[name].items()})

@@ -6,9 +6,11 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +93,28 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
+    # torch.save writes a zip archive with a CRC-32 per record, which torch.load does not check: a cut-off copy
+    # loses the archive's directory, and flipped bytes would otherwise load as silently corrupted weights
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError):
+        raise InputError(path, "not a readable checkpoint: not a torch.save archive (truncated, corrupt or another "
+                               "format); copy or export it again") from None
+    if bad is not None:
+        raise InputError(path, f"not a readable checkpoint: record {bad} fails its CRC-32 check (corrupted on disk "
+                               "or in transfer); copy or export it again")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many types for truncated or foreign files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(path, f"not a readable checkpoint ({first[:120]})") from None
+    except pickle.UnpicklingError as err:  # weights_only=True met a Python object: never in a nodeseg checkpoint
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f" {found.group(1)}" if found else ""
+        raise InputError(path, f"not a readable checkpoint: the safe loader (weights_only=True) refuses the Python "
+                               f"object{what} in it; nodeseg checkpoints hold only tensors and plain values") from None
+    except Exception as err:  # torch raises many types for corrupt archives
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+        first = text.split(". ")[0].splitlines()[0] if text else type(err).__name__
+        raise InputError(path, f"not a readable checkpoint ({first[:160]}); copy or export it again") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError(path, f"not a nodeseg checkpoint (expected format {FORMAT!r})")
     return payload

@@ -278,12 +278,20 @@ def fit(
             except SolverError as err:
                 failure = str(err)
             if any_rank(bool(failure), info):
+                bar.close()  # cleared before the error is printed, not after it when garbage-collected
                 raise TrainingDiverged(
                     f"{stage}: epoch {epoch + 1} step {global_step + 1}: {failure or 'another rank failed'};"
                     f" the last good checkpoint is kept ({last_path or 'none yet'})"
                 )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                loss.backward()
+            except SolverError as err:  # the adjoint solve runs inside backward(): same message as the forward's
+                bar.close()
+                raise TrainingDiverged(
+                    f"{stage}: epoch {epoch + 1} step {global_step + 1}: {err}; the last good checkpoint is kept"
+                    f" ({last_path or 'none yet'})"
+                ) from None
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
