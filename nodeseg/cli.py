@@ -179,11 +179,13 @@ def _stage_paths(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         value = getattr(args, name, None)
         if value is not None:
             setattr(args, name, Path(stack.enter_context(storage.staged_input(value))))
+    publish = os.environ.get("RANK", "0") in ("", "0")  # under torchrun only rank 0 writes, so only it uploads
     for name in outputs:
         value = getattr(args, name, None)
         if value is not None:
             resume = args.stage in _RESUMABLE
-            setattr(args, name, Path(stack.enter_context(storage.staged_output(value, resume=resume))))
+            setattr(args, name, Path(stack.enter_context(storage.staged_output(value, resume=resume,
+                                                                               publish=publish))))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

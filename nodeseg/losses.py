@@ -13,7 +13,7 @@ from nodeseg.levelset import narrow_band
 
 __all__ = ["narrow_band_mse"]
 
-_REDUCTIONS = ("mean", "none")
+_REDUCTIONS = ("mean", "none", "sum")
 
 
 def _check_phi(t: Tensor, name: str) -> None:
@@ -27,14 +27,15 @@ def narrow_band_mse(
     phi_true: Tensor,
     valid: Tensor | None = None,
     width: float = 1.0,
-    reduction: Literal["mean", "none"] = "mean",
+    reduction: Literal["mean", "none", "sum"] = "mean",
 ) -> Tensor:
     """Mean of (tanh(φ̂/width) − tanh(φ/width))² over the valid pixels.
 
     Shapes ``(B, 1, H, W)``. ``valid`` (same shape, bool or 0/1; non-zero counts as valid) leaves padded
     pixels out: they neither change the loss nor receive gradient, even if φ there is NaN.
     ``reduction="mean"`` pools all valid pixels of the batch (sum / valid count) into a scalar;
-    ``"none"`` gives each sample's own valid-pixel mean, shape ``(B,)``. With no valid pixel the
+    ``"none"`` gives each sample's own valid-pixel mean, shape ``(B,)``; ``"sum"`` the sum over valid pixels
+    (data-parallel training divides it by the valid count of the global batch). With no valid pixel the
     result is 0 (still attached to the graph), never NaN.
     """
     _check_phi(phi_pred, "phi_pred")
@@ -56,6 +57,8 @@ def narrow_band_mse(
 
     if valid is None:
         sq = (narrow_band(phi_pred, width) - narrow_band(phi_true, width)) ** 2
+        if reduction == "sum":
+            return sq.sum()
         return sq.mean() if reduction == "mean" else sq.mean(dim=(1, 2, 3))
 
     check_arg(isinstance(valid, Tensor), "valid", type(valid).__name__, "None or a torch.Tensor")
@@ -73,6 +76,8 @@ def narrow_band_mse(
         torch.where(keep, phi_true, zero), width
     )
     sq = diff**2  # exactly 0 on padded pixels
+    if reduction == "sum":
+        return sq.sum()
     if reduction == "mean":
         return sq.sum() / keep.sum().clamp(min=1).to(sq.dtype)
     return sq.sum(dim=(1, 2, 3)) / keep.sum(dim=(1, 2, 3)).clamp(min=1).to(sq.dtype)

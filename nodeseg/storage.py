@@ -591,7 +591,7 @@ def staged_input(uri: str | os.PathLike[str], *, settings: S3Settings | None = N
 
 @contextmanager
 def staged_output(
-    uri: str | os.PathLike[str], *, settings: S3Settings | None = None, resume: bool = False
+    uri: str | os.PathLike[str], *, settings: S3Settings | None = None, resume: bool = False, publish: bool = True
 ) -> Iterator[Path]:
     """Yield a local path for an output: a local path as is; for ``s3://``, a fresh path in a work folder.
 
@@ -603,6 +603,8 @@ def staged_output(
     under ``uri`` is downloaded first, so the stage resumes from it, and what the stage wrote is uploaded
     even when it fails, so that a restarted job resumes from there. A process killed outright uploads
     nothing: keep checkpoints on a volume when that matters (see docs/storage.md).
+
+    ``publish=False`` (data-parallel ranks other than 0, which write nothing) never uploads.
     """
     if not is_s3(uri):
         yield Path(uri)
@@ -619,9 +621,11 @@ def staged_output(
         try:
             yield out
         except BaseException:
-            if resume and out.is_dir():
+            if resume and publish and out.is_dir():
                 upload(out, str(uri), settings=settings)
             raise
+        if not publish:
+            return
         if not out.exists():
             raise StorageError(f"{uri}: the stage wrote nothing to upload (expected {out})")
         upload(out, str(uri), settings=settings)

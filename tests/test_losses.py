@@ -123,9 +123,21 @@ def test_gradcheck_float64() -> None:
         ((torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)), {"valid": torch.ones(2, 1, 4, 3)}, "valid"),
         ((torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)), {"valid": np.ones((2, 1, 4, 4))}, "valid"),
         ((torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)), {"width": 0.0}, "width"),
-        ((torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)), {"reduction": "sum"}, "reduction"),
+        ((torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)), {"reduction": "max"}, "reduction"),
     ],
 )
 def test_bad_arguments(args: tuple, kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=f"'{name}'"):
         narrow_band_mse(*args, **kwargs)
+
+
+def test_sum_reduction_over_valid_pixels_divides_into_the_mean() -> None:
+    """'sum' is what data-parallel training divides by the global batch's valid count."""
+    g = torch.Generator().manual_seed(3)
+    pred, true = torch.randn(3, 1, 5, 5, generator=g), torch.randn(3, 1, 5, 5, generator=g)
+    valid = torch.rand(3, 1, 5, 5, generator=g) > 0.3
+    total = narrow_band_mse(pred, true, valid, width=2.0, reduction="sum")
+    mean = narrow_band_mse(pred, true, valid, width=2.0)
+    torch.testing.assert_close(total / valid.sum(), mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(narrow_band_mse(pred, true, None, reduction="sum"),
+                               narrow_band_mse(pred, true).mul(75), rtol=1e-6, atol=0)

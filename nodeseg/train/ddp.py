@@ -79,13 +79,6 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
-def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank when ``flag`` is true on at least one (keeps ranks in lockstep on errors)."""
-    if not info.enabled:
-        return flag
-    return all_reduce_sum([1.0 if flag else 0.0], info)[0] > 0
-
-
 def barrier(info: DistInfo) -> None:
     """Wait for every rank."""
     if info.enabled:

@@ -28,7 +28,7 @@ from nodeseg.errors import SolverError, TrainingDiverged, check_arg
 from nodeseg.losses import narrow_band_mse
 from nodeseg.tracking import Tracker
 from nodeseg.train import checkpoint as ckpt
-from nodeseg.train.ddp import DistInfo, all_reduce_sum, any_rank, barrier
+from nodeseg.train.ddp import DistInfo, all_reduce_sum, barrier
 
 log = logging.getLogger(__name__)
 
@@ -269,20 +269,26 @@ def fit(
             t0 = time.perf_counter()
             image, phi, valid = _batch_tensors(batch, info.device)
             failure = ""
-            loss = torch.zeros((), device=info.device)
+            sq_sum = torch.zeros((), device=info.device)
+            n_valid = float((valid != 0).sum())
             try:
                 pred = ddp_model(image)
-                loss = narrow_band_mse(pred, phi, valid, width=cfg.band_width)
-                if not torch.isfinite(loss):
-                    failure = f"the loss became {loss.item()}"
+                sq_sum = narrow_band_mse(pred, phi, valid, width=cfg.band_width, reduction="sum")
+                if not torch.isfinite(sq_sum):
+                    failure = f"the loss became {sq_sum.item()}"
             except SolverError as err:
                 failure = str(err)
-            if any_rank(bool(failure), info):
+            # one all-reduce per step: whether any rank failed, and the valid pixels of the global batch
+            failed, global_valid = all_reduce_sum([1.0 if failure else 0.0, n_valid], info)
+            if failed:
                 bar.close()  # cleared before the error is printed, not after it when garbage-collected
                 raise TrainingDiverged(
                     f"{stage}: epoch {epoch + 1} step {global_step + 1}: {failure or 'another rank failed'};"
                     f" the last good checkpoint is kept ({last_path or 'none yet'})"
                 )
+            # the mean over the global batch's valid pixels; DDP averages gradients over ranks, hence × world, so
+            # that padded samples weigh the same as with one process whatever the split of the batch
+            loss = sq_sum * (world / max(global_valid, 1.0))
             opt.zero_grad(set_to_none=True)
             try:
                 loss.backward()
@@ -302,7 +308,7 @@ def fit(
             rec = {
                 "epoch": epoch + 1,
                 "step": global_step,
-                "loss": float(loss.detach()),
+                "loss": float(sq_sum.detach()) / max(n_valid, 1.0),  # this rank's share of the batch
                 "lr": opt.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - t0,
             }
