@@ -130,6 +130,20 @@ def latest(directory: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
+def remove_partial_writes(directory: Path) -> list[Path]:
+    """Delete temporary files that a killed :func:`atomic_write_bytes` left (``.<name>.*.tmp``); return them.
+
+    Only the process that writes checkpoints may call it (rank 0), before it writes any.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    torn = [p for p in directory.glob(".*.tmp") if p.is_file()]
+    for p in torn:
+        p.unlink(missing_ok=True)
+    return torn
+
+
 def supersede(directory: Path, old_fingerprint: str) -> Path:
     """Move the checkpoints of another run into ``directory/superseded/<fingerprint>/`` (nothing is deleted)."""
     directory = Path(directory)

@@ -210,6 +210,9 @@ def fit(
     start_epoch, global_step = 0, 0
     history: list[dict[str, float]] = []
     steps_log: list[dict[str, float]] = []
+    if info.is_main:
+        for torn in ckpt.remove_partial_writes(ckpt_dir):
+            log.warning("removed %s, a checkpoint write that a killed run left unfinished", torn)
     found = ckpt.latest(ckpt_dir)
     if found is not None:
         path, state = found
