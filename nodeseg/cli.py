@@ -32,6 +32,7 @@ _PATHS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "evaluate": (("shards", "unet", "contour", "image"), ("out",)),
     "register": (("eval",), ()),
     "predict": (("input",), ("output",)),
+    "tune": (("shards", "unet"), ("out",)),
 }
 #: training outputs hold checkpoints to resume from, so an s3:// output is fetched before the stage runs
 _RESUMABLE = {"pretrain", "refine", "image-evolve"}
@@ -100,6 +101,15 @@ def _run_predict(a: argparse.Namespace) -> None:
     predict(a.model, a.input, a.output, batch_size=a.batch_size)
 
 
+def _run_tune(a: argparse.Namespace) -> None:
+    from nodeseg.stages.tune import tune
+
+    if a.phase in ("all", "optimize") and (a.shards is None or a.unet is None):
+        raise NodesegError(f"tune --phase {a.phase}: --shards and --unet are required (they train the trials)")
+    tune(a.shards, a.unet, a.out, _params(a), storage=a.storage, study_name=a.study_name, workers=a.workers,
+         n_trials=a.n_trials, worker_index=a.worker_index, phase=a.phase, write_params=a.write_params)
+
+
 _RUNNERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "generate": _run_generate,
     "preprocess": _run_preprocess,
@@ -110,6 +120,7 @@ _RUNNERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "evaluate": _run_evaluate,
     "register": _run_register,
     "predict": _run_predict,
+    "tune": _run_tune,
 }
 
 _HELP = {
@@ -122,6 +133,7 @@ _HELP = {
     "evaluate": "IoU, adaptive and weighted F-beta, NFE; figures; MLflow registry",
     "register": "register evaluated models in MLflow and decide the champion alias",
     "predict": "segment a NIfTI volume or an image folder with a checkpoint or a registered model",
+    "tune": "Optuna study of the refine solver (tolerance vs NFE); writes the chosen solver into params",
 }
 
 
@@ -167,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="NIfTI volume or folder of images")
     p.add_argument("--output", required=True, help="label volume (.nii.gz) or folder of masks")
     p.add_argument("--batch-size", type=int, default=8)
+    p = stage("tune")
+    p.add_argument("--shards", help="shards folder (phases all, optimize)")
+    p.add_argument("--unet", help="the selected UNet checkpoint (phases all, optimize)")
+    p.add_argument("--out", required=True, help="report folder; trial logs under trials/")
+    p.add_argument("--storage", help="sqlite:///FILE, postgresql://..., FILE.db, journal:FILE or FILE.log "
+                                     "(default: sqlite:///OUT/study.db)")
+    p.add_argument("--study-name", default="nodeseg-tune")
+    p.add_argument("--phase", choices=("all", "create", "optimize", "report"), default="all",
+                   help="all: create, optimize, report; on a cluster run them as separate tasks")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes joining the study")
+    p.add_argument("--worker-index", type=int, default=0,
+                   help="index of this call's first worker (sampler seed = seed + index); distinct per task")
+    p.add_argument("--n-trials", type=int, help="trials this call runs over its workers (default: tune.n_trials)")
+    p.add_argument("--write-params", type=Path, metavar="FILE",
+                   help="write the chosen solver into contour.solver of FILE (e.g. params.yaml)")
     return parser
 
 
@@ -220,6 +247,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"nodeseg {args.stage}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if not type(err).__module__.startswith("mlflow"):  # MLflow's errors: server unreachable, bad store URI
+            raise
+        if args.verbose:
+            log.exception("%s failed", args.stage)
+        from nodeseg.tracking import tracking_uri
+
+        first = " ".join(str(err).split())[:300]
+        print(f"nodeseg {args.stage}: error: MLflow at {tracking_uri()}: {first}", file=sys.stderr)
+        return 5
     return 0
 
 

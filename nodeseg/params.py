@@ -17,6 +17,7 @@ from nodeseg.errors import ConfigError, check_arg
 from nodeseg.solve import SolverConfig
 from nodeseg.stages.select import SelectConfig
 from nodeseg.train.loop import TrainConfig
+from nodeseg.tuning.config import TuneConfig
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class Params:
     refine: TrainConfig = field(default_factory=TrainConfig)
     image_evolve: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def __post_init__(self) -> None:
         check_arg(self.seed >= 0, "seed", self.seed, ">= 0")

@@ -115,3 +115,19 @@ def test_serverless_default_is_a_sqlite_file_in_the_working_directory(evaluated:
     assert (tmp_path / "mlflow.db").is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("nodeseg", CHAMPION).version) == decision["versions"]["contour"]
+
+
+def test_unreachable_tracking_server_gives_one_line(run: dict[str, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from nodeseg.cli import main
+
+    url = f"http://127.0.0.1:{mlflow_server.free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    code = main(["preprocess", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml"),
+                 "--raw", str(run["raw"]), "--out", str(tmp_path / "shards")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 5
+    assert err[-1].startswith(f"nodeseg preprocess: error: MLflow at {url}: ")
+    assert not (tmp_path / "shards").exists()

@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+from torch import nn
 
 from nodeseg.errors import InputError
 from nodeseg.models.spec import build_from_spec, load_model, make_spec
-from nodeseg.params import Params
+from nodeseg.params import ModelSection, Params
 from nodeseg.stages._training import run_training
 from nodeseg.train.loop import FitResult
+
+
+def contour_builder(unet_checkpoint: Path, section: ModelSection):  # noqa: ANN201 - a closure, typed below
+    """Load the selected UNet once; return ``build(channels, section=section) -> (model, spec)``.
+
+    ``build`` makes Contour Evolution of ``section`` on a frozen copy of the UNet's weights. It checks that the
+    UNet takes the shards' channel count; ``nodeseg tune`` calls it with each trial's solver.
+    """
+    unet, payload = load_model(Path(unet_checkpoint), expect=("unet",))
+    unet_spec = {k: v for k, v in payload["model_spec"].items() if k != "preprocessing"}
+
+    def build(channels: int, section: ModelSection = section) -> tuple[nn.Module, dict[str, Any]]:
+        takes = unet_spec["sizes"].get("in_channels", 1)
+        if takes != channels:
+            raise InputError(unet_checkpoint, f"the UNet takes {takes} image channels, the shards hold {channels}")
+        spec = make_spec("contour", section, unet=unet_spec)
+        model = build_from_spec(spec)
+        model.unet.load_state_dict(unet.state_dict())
+        return model, spec
+
+    return build
 
 
 def refine(shards: Path, unet_checkpoint: Path, out: Path, params: Params) -> FitResult:
@@ -16,17 +40,6 @@ def refine(shards: Path, unet_checkpoint: Path, out: Path, params: Params) -> Fi
 
     The UNet's weights come from ``unet_checkpoint`` (the output of ``nodeseg select``) and stay frozen.
     """
-    unet, payload = load_model(Path(unet_checkpoint), expect=("unet",))
-
-    def build(channels: int):  # noqa: ANN202
-        unet_spec = {k: v for k, v in payload["model_spec"].items() if k != "preprocessing"}
-        if unet_spec["sizes"].get("in_channels", 1) != channels:
-            raise InputError(unet_checkpoint, f"the UNet takes {unet_spec['sizes'].get('in_channels', 1)} image "
-                                              f"channels, the shards hold {channels}")
-        spec = make_spec("contour", params.contour, unet=unet_spec)
-        model = build_from_spec(spec)
-        model.unet.load_state_dict(unet.state_dict())
-        return model, spec
-
+    build = contour_builder(Path(unet_checkpoint), params.contour)
     return run_training("refine", Path(shards), Path(out), params, params.refine, build,
                         tags={"nodeseg.unet_checkpoint": str(unet_checkpoint)})

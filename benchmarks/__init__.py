@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks of nodeseg: ``python -m benchmarks`` runs them all (see benchmarks/README.md)."""

@@ -1,0 +1,263 @@
+"""`nodeseg tune`: shared sqlite and journal storages, failed trials, the rule, the params round trip, MLflow."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from wsgiref.util import setup_testing_defaults
+
+import mlflow
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+from pipeline_params import TINY, tiny_params
+
+from nodeseg.cli import main
+from nodeseg.errors import ConfigError, NodesegError
+from nodeseg.params import Params, load_params
+from nodeseg.stages.generate import generate
+from nodeseg.stages.preprocess import preprocess
+from nodeseg.stages.pretrain import pretrain
+from nodeseg.stages.refine import refine
+from nodeseg.stages.select import select_checkpoint
+from nodeseg.stages.tune import tune
+from nodeseg.train import checkpoint as ckpt
+from nodeseg.tuning.choose import choose_operating_point, eligible, write_solver_params
+from nodeseg.tuning.config import TuneConfig
+from nodeseg.tuning.pruning import EpochPruning, create_pruning_study, make_pruner
+from nodeseg.tuning.storage import load_study, open_storage, redact
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["tune.epochs=1", "tune.max_batches_per_epoch=1", "refine.batch_size=2", "refine.warmup_steps=0"]
+
+
+def _params(*extra: str) -> Params:
+    return tiny_params(*FAST, *extra)
+
+
+@pytest.fixture(scope="module")
+def selected(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """generate → preprocess → pretrain → select on tiny data, once for the module."""
+    root = tmp_path_factory.mktemp("tune")
+    params = tiny_params("pretrain.epochs=1")
+    generate(root / "raw", params)
+    preprocess(root / "raw", root / "shards", params)
+    pretrain(root / "shards", root / "pretrain", params)
+    select_checkpoint(root / "pretrain", root / "select", params.select)
+    return {"shards": root / "shards", "unet": root / "select" / "model.pt"}
+
+
+def _trial(number: int, values: list[float] | None, state: TrialState = TrialState.COMPLETE) -> optuna.trial.FrozenTrial:
+    t = create_trial(params={"method": "dopri5", "atol": 1e-3},
+                     distributions={"method": CategoricalDistribution(["dopri5"]),
+                                    "atol": FloatDistribution(1e-6, 1e-2, log=True)},
+                     values=values if state == TrialState.COMPLETE else None, state=state)
+    t.number = number
+    return t
+
+
+def test_rule_on_synthetic_trials() -> None:
+    cfg = TuneConfig(within_iou=0.005)
+    trials = [_trial(0, [0.800, 30, 1.0]), _trial(1, [0.797, 20, 2.0]), _trial(2, [0.790, 10, 0.5]),
+              _trial(3, [0.797, 20, 1.5]), _trial(4, None, TrialState.FAIL), _trial(5, None, TrialState.PRUNED)]
+    assert [t.number for t in eligible(trials, cfg)] == [0, 1, 3]  # 0.790 is 1 IoU point below the best
+    assert choose_operating_point(trials, cfg).number == 3  # 20 NFE, then fewer seconds than trial 1
+    assert choose_operating_point(trials, TuneConfig(within_iou=0.0)).number == 0
+    assert choose_operating_point(trials, TuneConfig(within_iou=0.02)).number == 2
+    loss = TuneConfig(objective="loss", within_loss=0.05)
+    by_loss = [_trial(0, [0.100, 30, 1.0]), _trial(1, [0.104, 12, 1.0]), _trial(2, [0.200, 5, 1.0])]
+    assert choose_operating_point(by_loss, loss).number == 1  # within 5 % of 0.100, fewer NFE
+    with pytest.raises(NodesegError, match=r"no trial completed \(1 FAIL, 1 PRUNED\)"):
+        choose_operating_point(trials[4:], cfg)
+
+
+def test_pruner_on_the_companion_study() -> None:
+    storage = optuna.storages.InMemoryStorage()
+    cfg = TuneConfig(pruner="percentile", prune_percentile=50.0, prune_startup_trials=1)
+    create_pruning_study(storage, "s", maximize=True)
+    study = optuna.load_study(study_name="s.pruning", storage=storage, pruner=make_pruner(cfg))
+    first = EpochPruning(study, 0)
+    assert not first.report(1, 0.9)  # no finished trial yet
+    first.finish(TrialState.COMPLETE)
+    assert EpochPruning(study, 1).report(1, 0.1)
+    assert not EpochPruning(study, 2).report(1, 0.95)
+    assert not EpochPruning(study, 3).report(1, 0.897)  # below the median, but within within_iou of 0.9
+    assert EpochPruning(study, 4).report(1, float("nan"))
+
+
+def test_storage_forms(tmp_path: Path) -> None:
+    assert isinstance(open_storage(str(tmp_path / "a.db")), optuna.storages.RDBStorage)
+    assert isinstance(open_storage(f"sqlite:///{tmp_path / 'b.db'}"), optuna.storages.RDBStorage)
+    assert isinstance(open_storage(f"journal:{tmp_path / 'j' / 'c'}"), optuna.storages.JournalStorage)
+    assert isinstance(open_storage(str(tmp_path / "d.log")), optuna.storages.JournalStorage)
+    with pytest.raises(ConfigError, match=r"--storage 'study\.txt': not a storage; expected one of sqlite:///"):
+        open_storage("study.txt")
+    assert redact("postgresql://u:secret@db:5432/optuna") == "postgresql://u:***@db:5432/optuna"
+    with pytest.raises(ConfigError, match=r"study .nope. not found .* \(studies there: none\)"):
+        load_study(str(tmp_path / "a.db"), "nope")
+    with pytest.raises(ConfigError, match="tune: argument 'methods' must be a non-empty list"):
+        load_params([REPO / "params.yaml"], ["tune.methods=[rk45]"])
+
+
+_POP_RACE = """
+import sys, time
+from pathlib import Path
+import optuna
+from nodeseg.tuning.storage import open_storage
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+study = optuna.load_study(study_name="s", storage=open_storage(sys.argv[1]))
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.01)
+for _ in range(4):
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    study.tell(trial, 1.0)  # 'Cannot tell a COMPLETE trial' when two workers popped the same enqueued trial
+"""
+
+
+def test_sqlite_hands_each_enqueued_trial_to_one_worker(tmp_path: Path) -> None:
+    """Four processes popping enqueued trials at once from one sqlite file (plain RDBStorage: 3 of 5 runs
+    gave a trial to two workers)."""
+    url, go = f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "go"
+    study = optuna.create_study(study_name="s", storage=open_storage(url))
+    for i in range(16):
+        study.enqueue_trial({"x": i / 16})
+    procs = [subprocess.Popen([sys.executable, "-c", _POP_RACE, url, str(go)], stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    time.sleep(1.0)
+    go.touch()
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert len(trials) == 16 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted(t.params["x"] for t in trials) == [i / 16 for i in range(16)]
+
+
+def _get(app: object, path: str) -> tuple[str, bytes]:
+    env: dict[str, object] = {}
+    setup_testing_defaults(env)
+    env.update(PATH_INFO=path, REQUEST_METHOD="GET")
+    status: list[str] = []
+    body = b"".join(app(env, lambda s, h, e=None: status.append(s)))  # type: ignore[operator]
+    return status[0], body
+
+
+def test_two_workers_share_one_sqlite_storage(selected: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "tune"
+    result = tune(selected["shards"], selected["unet"], out, _params(), workers=2, n_trials=4)
+    study = load_study(f"sqlite:///{out / 'study.db'}", "nodeseg-tune")
+    states = [t.state for t in study.trials]
+    assert len(states) == 4 and all(s in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED) for s in states)
+    assert study.trials[0].user_attrs["reference"] is True and study.trials[0].params["atol"] == 1e-5
+    assert sum(result.states.values()) == 4
+    # the rule: the chosen trial is eligible and has the fewest NFE per step among the eligible ones
+    cfg = _params().tune
+    near = eligible(study.trials, cfg)
+    chosen = study.trials[result.chosen]
+    assert chosen in near and chosen.values[1] == min(t.values[1] for t in near)
+    assert result.solver == chosen.user_attrs["solver"]
+    # report files
+    assert (out / "pareto_front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "trials.csv").read_text().strip().splitlines()) == 5
+    assert "| chosen |" in (out / "trials.md").read_text().splitlines()[0]
+    choice = json.loads((out / "choice.json").read_text())
+    assert choice["chosen"]["trial"] == result.chosen and "fewest NFE" in choice["rule"]
+    try:
+        import plotly  # noqa: F401
+        assert (out / "pareto_front.html").is_file()
+    except ImportError:
+        assert "pareto_html" not in result.files
+    # every trial is an MLflow child run of the study's run
+    parent = study.user_attrs["mlflow_run_id"]
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(runs["tags.optuna.trial"].astype(int)) == [0, 1, 2, 3]
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == set(runs["run_id"])
+    # optuna-dashboard reads the storage
+    import optuna_dashboard
+
+    status, body = _get(optuna_dashboard.wsgi(open_storage(f"sqlite:///{out / 'study.db'}")), "/api/studies")
+    assert status.startswith("200")
+    names = {s["study_name"] for s in json.loads(body)["study_summaries"]}
+    assert names == {"nodeseg-tune", "nodeseg-tune.pruning"}
+
+
+def test_runaway_trial_fails_with_its_reason_on_a_journal(selected: dict[str, Path], tmp_path: Path) -> None:
+    params = _params("tune.max_nfe=10", "tune.reference_atol=null", "tune.methods=[dopri5, rk4]",
+                     "tune.adjoint=[true]", "tune.step_sizes=[0.5]")
+    storage, out = f"journal:{tmp_path / 'study.log'}", tmp_path / "tune"
+    tune(None, None, out, params, storage=storage, phase="create")  # type: ignore[arg-type]
+    study = load_study(storage, "nodeseg-tune")
+    study.enqueue_trial({"method": "dopri5", "atol": 1e-3, "rtol_zero": True, "adjoint": True})  # needs 13 NFE
+    study.enqueue_trial({"method": "rk4", "step_size": 0.5, "adjoint": True})  # 8 NFE per pass
+    tune(selected["shards"], selected["unet"], out, params, storage=storage, phase="optimize", n_trials=2)
+    failed, done = load_study(storage, "nodeseg-tune").trials
+    assert failed.state == TrialState.FAIL and done.state == TrialState.COMPLETE
+    assert "max_nfe exceeded" in failed.user_attrs["fail_reason"]
+    assert failed.user_attrs["fail_reason"].startswith("TrainingDiverged: ")
+    assert done.values[1] == 16  # 8 forward + 8 adjoint evaluations
+    twins = load_study(storage, "nodeseg-tune.pruning").trials
+    assert [t.state for t in twins] == [TrialState.FAIL, TrialState.COMPLETE]
+    written = tmp_path / "tuned.yaml"
+    result = tune(None, None, out, params, storage=storage, phase="report", write_params=written)  # type: ignore[arg-type]
+    assert result is not None and result.chosen == 1 and result.states["FAIL"] == 1
+    assert load_params([written]).contour.solver.method == "rk4"
+    assert "max_nfe exceeded" in (out / "trials.md").read_text()
+
+
+def test_cli_writes_the_tuned_solver_that_refine_reads(selected: dict[str, Path], tmp_path: Path) -> None:
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params_file)
+    sets = [*TINY, *FAST, "tune.reference_atol=null", "tune.methods=[bosh3, rk4]", "tune.step_sizes=[0.5]"]
+    out = tmp_path / "tune"
+    argv = ["tune", "--params", str(params_file), *[a for s in sets for a in ("--set", s)], "--shards",
+            str(selected["shards"]), "--unet", str(selected["unet"]), "--out", str(out), "--n-trials", "2",
+            "--storage", str(tmp_path / "study.log"), "--write-params", str(params_file)]
+    assert main(argv) == 0
+    solver = json.loads((out / "choice.json").read_text())["solver"]
+    text = params_file.read_text()
+    assert "# Contour Evolution (refine)" in text and "tune:" in text  # comments and sections kept
+    tuned = load_params([params_file], sets)
+    assert {k: getattr(tuned.contour.solver, k) for k in solver} == solver
+    refine(selected["shards"], selected["unet"], tmp_path / "refine", tuned)
+    spec = ckpt.load(tmp_path / "refine" / "model.pt")["model_spec"]["solver"]
+    assert {k: spec[k] for k in solver} == solver
+
+
+def test_write_solver_params_keeps_the_file_and_reads_back(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", path)
+    before = path.read_text().splitlines()
+    write_solver_params(path, {"method": "rk4", "atol": 1e-5, "rtol": 0.0, "step_size": 0.25, "adjoint": False})
+    after = path.read_text().splitlines()
+    changed = [line[2:].strip() for line in difflib.ndiff(before, after) if line.startswith(("+ ", "- "))]
+    assert sorted(changed) == ["adjoint: false", "adjoint: true", "atol: 1.0e-05", "atol: 1.0e-3", "method: dopri5",
+                               "method: rk4", "step_size: 0.25"]
+    solver = load_params([path]).contour.solver
+    assert (solver.method, solver.atol, solver.step_size, solver.adjoint) == ("rk4", 1e-5, 0.25, False)
+
+
+def test_tuning_dvc_stage_lists_what_it_reads_but_not_what_it_writes() -> None:
+    """tuning/dvc.yaml: every params key exists; the solver keys tune writes are not among its params (a stage
+    that lists them would be stale right after writing them); refine lists `contour`, so it reruns."""
+    import yaml
+
+    from nodeseg.config import to_mapping
+    from nodeseg.tuning.space import tuned_keys
+
+    stage = yaml.safe_load((REPO / "tuning" / "dvc.yaml").read_text())["stages"]["tune"]
+    written = {f"contour.solver.{k}" for k in tuned_keys(Params().contour.solver)}
+    for key in stage["params"]:
+        node = to_mapping(Params())
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, key
+            node = node[part]
+        assert not any(w == key or w.startswith(key + ".") for w in written), key
+    assert "--write-params params.yaml" in stage["cmd"] and stage["wdir"] == ".."
+    refine = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["refine"]
+    assert "contour" in refine["params"] and "tune" not in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
