@@ -38,6 +38,12 @@ dy/dt = −1.5y, atol 1e-6, first_step 0.5), so for those two the steps are made
 times (torchdiffeq's ``step_t``). Not for dopri5: evaluating its interpolant exactly at a step end adds a
 rounding error of ~32 ulp(φ), which would break "identity at initialisation" (bit-exact φ(0)).
 
+**dopri5 runs as** ``nodeseg.dopri5``: torchdiffeq's method, tableau, error norm and step control, with
+the stage sums as one ``addmv`` and the dense output fitted only for the step an output time falls in
+(benchmarks/README.md, figures 1 and 6: the solver's arithmetic costs a third of a narrow fθ's evaluations).
+Results agree with torchdiffeq's dopri5 to rounding (the table above is unchanged); a step decided by a
+hair may flip, so an NFE count can differ by a step on a hard solve.
+
 **first_step.** With fθ zero-initialised, dopri5's automatic first-step selection collapses to 1e-6 and the
 first solve costs 44 evaluations at any atol; ``first_step=0.5`` brings it to 13 (1 + 2 steps × 6). The
 default is 0.5; None restores torchdiffeq's selection. Fixed-step methods ignore it.
@@ -53,6 +59,7 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
+from nodeseg import dopri5 as _dopri5
 from nodeseg.errors import SolverError, check_arg
 
 Method = Literal["dopri5", "bosh3", "adaptive_heun", "dopri8", "rk4", "euler", "midpoint"]
@@ -62,6 +69,8 @@ METHODS: tuple[str, ...] = ADAPTIVE_METHODS + FIXED_STEP_METHODS
 State = Tensor | tuple[Tensor, ...]
 
 _LAND_ON_OUTPUT_TIMES = ("bosh3", "dopri8")
+# torchdiffeq solver table keys: dopri5 runs as nodeseg.dopri5's leaner arithmetic (same method and control)
+_TORCHDIFFEQ_METHOD = {"dopri5": _dopri5.METHOD}
 _RUNAWAY_ASSERTIONS = ("max_num_steps exceeded", "underflow in dt", "non-finite values in state")
 
 
@@ -177,7 +186,7 @@ class _CountingFunc(nn.Module):
         if not (t0 - dt < t0):
             raise self.error(f"underflow in dt {float(dt):.3g} at t={float(t0):.6g}")
         parts = y0[1:3] if isinstance(y0, tuple) else (y0,)  # (t, y, adj_y, *adj_params): check y, adj_y
-        if not all(bool(torch.isfinite(p).all()) for p in parts):
+        if not all(_dopri5.all_finite(p) for p in parts):
             raise self.error(f"non-finite values in the state or its adjoint at t={float(t0):.6g}")
 
 
@@ -245,6 +254,7 @@ class ODESolver(nn.Module):
                       "t", t, "a 1-D tensor of at least 2 strictly increasing times")
             t = t.to(dtype=first.dtype, device=first.device)
         c = self.config
+        method = _TORCHDIFFEQ_METHOD.get(c.method, c.method)
         options = c.options()
         if c.method in _LAND_ON_OUTPUT_TIMES:  # their dense output is poor: step onto the output times
             options["step_t"] = t[1:]
@@ -257,10 +267,10 @@ class ODESolver(nn.Module):
                 if not c.fixed_step:  # the step callback caps the adjoint pass first (see module docstring)
                     adjoint_options["max_num_steps"] = c.max_num_steps * (len(t) - 1) + 1
                 return odeint_adjoint(
-                    self.counter, y0, t, rtol=c.rtol, atol=c.atol, method=c.method, options=options,
+                    self.counter, y0, t, rtol=c.rtol, atol=c.atol, method=method, options=options,
                     adjoint_options=adjoint_options, adjoint_params=tuple(self.counter.parameters()),
                 )
-            return odeint(self.counter, y0, t, rtol=c.rtol, atol=c.atol, method=c.method, options=options)
+            return odeint(self.counter, y0, t, rtol=c.rtol, atol=c.atol, method=method, options=options)
         except AssertionError as err:
             msg = str(err)
             if not msg.startswith(_RUNAWAY_ASSERTIONS):
