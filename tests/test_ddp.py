@@ -44,9 +44,11 @@ REFINE = ["refine.epochs=1", "refine.batch_size=4", "refine.max_batches_per_epoc
 
 # DDP averages the ranks' gradients of their half-batch means (an all-reduce sum, then / world size); one
 # process takes the gradient of the mean over the whole batch. Same value, another float32 summation order:
-# ~1e-7 relative per step, which Adam (g / sqrt(v)) and 6 steps amplify. Measured max |diff| ~1e-6 with
-# parameters of size ~0.1-1; the tolerance leaves a margin of ~10x and is far below one Adam step (lr 3e-3).
-RTOL, ATOL = 1e-4, 1e-5
+# ~1e-7 relative per step, which Adam (g / sqrt(v)) and 6 steps amplify. Measured max |diff| with parameters
+# of size ~0.1-1: ~1e-6 in NCHW; 2.2e-5 with channels_last (the training default) for 4 ranks of batch 1, whose
+# oneDNN kernels sum in another order than one process of batch 4. The tolerance leaves a margin of ~3x and is
+# 2 % of one Adam step (lr 3e-3): a rank whose gradient were lost or mis-weighted would miss it by ~100x.
+RTOL, ATOL = 1e-4, 6e-5
 
 
 def _free_port() -> int:
@@ -160,7 +162,7 @@ def test_two_nodes_equal_one_process_on_the_global_batch(data: dict[str, Path], 
         torch.testing.assert_close(ranks[0]["state"][k], v, rtol=RTOL, atol=ATOL, msg=lambda m, k=k: f"{k}: {m}")
     # the training itself moved the weights far more than the tolerance
     start = ckpt.load(tmp_path / "single-run" / "checkpoints" / "epoch-0001.pt")["model"]
-    assert _max_diff(start, reference["state"]) > 100 * ATOL
+    assert _max_diff(start, reference["state"]) > 15 * ATOL
 
 
 def test_neural_ode_ranks_end_identical_although_their_nfe_differs(data: dict[str, Path], tmp_path: Path) -> None:
