@@ -285,9 +285,12 @@ def normalise_hu(
     lo, hi = window
     check_arg(lo < hi, "window", window, "(low, high) with low < high")
     check_arg(mode in ("minmax", "zscore"), "mode", mode, "'minmax' or 'zscore'")
-    x = np.clip(np.asarray(hu, dtype=np.float32), np.float32(lo), np.float32(hi))
-    if mode == "minmax":
-        return ((x - np.float32(lo)) / np.float32(hi - lo)).astype(np.float32)
-    mean, std = stats
-    check_arg(std > 0, "stats", stats, "(mean, std) with std > 0")
-    return ((x - np.float32(mean)) / np.float32(std)).astype(np.float32)
+    if mode == "zscore":
+        check_arg(stats[1] > 0, "stats", stats, "(mean, std) with std > 0")
+    # one float32 copy, then in place: the same float32 operations as clip → subtract → divide
+    x = np.array(hu, dtype=np.float32, copy=True)
+    np.clip(x, np.float32(lo), np.float32(hi), out=x)
+    shift, scale = (lo, hi - lo) if mode == "minmax" else stats
+    x -= np.float32(shift)
+    x /= np.float32(scale)
+    return x
