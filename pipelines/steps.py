@@ -46,6 +46,8 @@ class Steps:
             raise ValueError(f"{stage}: no input named {unknown[0]!r} (inputs: {sorted(inputs)})")
         kwargs = {name: values[name] for name in inputs if name not in artifacts and name in values}
         task = comp(**kwargs, **artifacts)
+        if STAGES[stage].database:  # its work is in an outside database: a cached result would skip the trials
+            task.set_caching_options(False)
         if not self.local:  # kfp.local ignores (and warns about) display names and platform settings
             task.set_display_name(f"{stage} (PyTorchJob)" if launcher else stage)
             self._kubernetes(task, stage, launcher)

@@ -262,6 +262,12 @@ def test_training_spec_carries_gpus_scheduling_env_and_the_volume() -> None:
     assert "pipelinechannel--distributed" in dag and "pipelinechannel--evaluate__register" in dag
 
 
+def _all_tasks(spec: dict) -> list[tuple[str, dict]]:
+    """(name, task) of every task in the root DAG and in the sub-DAGs of loops and conditions."""
+    dags = [spec["root"]["dag"], *(c["dag"] for c in spec.get("components", {}).values() if "dag" in c)]
+    return [(name, task) for dag in dags for name, task in dag["tasks"].items()]
+
+
 def test_tuning_spec_has_a_parallel_study_and_the_database_password() -> None:
     spec, k8s = _spec("tuning")
     tasks = spec["root"]["dag"]["tasks"]
@@ -272,6 +278,9 @@ def test_tuning_spec_has_a_parallel_study_and_the_database_password() -> None:
     for ex in ("exec-nodeseg-tune-create", "exec-nodeseg-tune-optimize", "exec-nodeseg-tune-report"):
         db = [s for s in k8s[ex]["secretAsEnv"] if s["secretName"] == "postgres-credentials"]
         assert db[0]["keyToEnv"] == [{"envVar": "PGPASSWORD", "secretKey": "OPTUNA_DB_PASSWORD"}]
+    # the study lives in the database: no tune step may be answered from KFP's cache
+    study_tasks = [t for name, t in _all_tasks(spec) if name.startswith("nodeseg-tune-")]
+    assert len(study_tasks) == 3 and all(t["cachingOptions"].get("enableCache") is not True for t in study_tasks)
     args = _executors("tuning")["exec-nodeseg-tune-optimize"]["args"]
     assert shlex.join(args[args.index("--phase"):args.index("--phase") + 4]) == "--phase optimize --workers 1"
 

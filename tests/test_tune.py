@@ -261,3 +261,15 @@ def test_tuning_dvc_stage_lists_what_it_reads_but_not_what_it_writes() -> None:
     assert "--write-params params.yaml" in stage["cmd"] and stage["wdir"] == ".."
     refine = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["refine"]
     assert "contour" in refine["params"] and "tune" not in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("phase", ["create", "optimize", "report"])
+def test_every_phase_refuses_a_study_of_another_objective(tmp_path: Path, phase: str) -> None:
+    """A worker or report with tune.objective=loss on an IoU study (maximize, minimize, minimize) stops before
+    it touches data, instead of feeding val_loss into a maximised objective."""
+    storage, out = f"journal:{tmp_path / 'study.log'}", tmp_path / "tune"
+    tune(None, None, out, _params("tune.reference_atol=null"), storage=storage, phase="create")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"has directions \['maximize', 'minimize', 'minimize'\] \(objective "
+                                          r"'iou'\), but tune.objective='loss' needs"):
+        tune(tmp_path / "no-shards", tmp_path / "no-unet", out, _params("tune.objective=loss"),
+             storage=storage, phase=phase, n_trials=1)

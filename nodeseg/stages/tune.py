@@ -41,6 +41,7 @@ from nodeseg.train import ddp
 from nodeseg.train.loop import fit
 from nodeseg.tuning import choose, report
 from nodeseg.tuning.config import TuneConfig
+from nodeseg.tuning.pruning import SUFFIX as PRUNING_SUFFIX
 from nodeseg.tuning.pruning import EpochPruning, create_pruning_study, make_pruner
 from nodeseg.tuning.space import reference_params, suggest_solver, tuned_keys
 from nodeseg.tuning.storage import default_storage, load_study, open_storage, redact
@@ -83,11 +84,7 @@ def create_study(storage: str, study_name: str, params: Params) -> optuna.Study:
         study = optuna.create_study(storage=store, study_name=study_name, directions=_directions(cfg))
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=study_name, storage=store)
-        stored = [d.name.lower() for d in study.directions]
-        if stored != _directions(cfg):
-            raise ConfigError(f"study {study_name!r} in {redact(storage)} has directions {stored}, but "
-                              f"tune.objective={cfg.objective!r} needs {_directions(cfg)}; use another "
-                              "--study-name or the study's objective") from None
+        _check_objective(study, cfg, storage)
         log.info("study %s exists in %s (%d trials): joining it", study_name, redact(storage), len(study.trials))
     else:
         with warnings.catch_warnings():
@@ -107,6 +104,15 @@ def create_study(storage: str, study_name: str, params: Params) -> optuna.Study:
         log.info("created study %s in %s", study_name, redact(storage))
     create_pruning_study(store, study_name, cfg.maximize)
     return study
+
+
+def _check_objective(study: optuna.Study, cfg: TuneConfig, storage: str) -> None:
+    """Refuse to join or report on a study whose directions do not fit ``tune.objective``."""
+    stored = [d.name.lower() for d in study.directions]
+    if stored != _directions(cfg):
+        raise ConfigError(f"study {study.study_name!r} in {redact(storage)} has directions {stored} (objective "
+                          f"{study.user_attrs.get('objective')!r}), but tune.objective={cfg.objective!r} needs "
+                          f"{_directions(cfg)}; use another --study-name or the study's objective")
 
 
 def _step_means(train_log: Path) -> dict[str, float]:
@@ -222,7 +228,8 @@ def optimize(shards: Path, unet_checkpoint: Path, out: Path, params: Params, *, 
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=params.seed + worker_index, constant_liar=True)
     study = load_study(store, study_name, sampler=sampler)
-    pruning = load_study(store, study_name + ".pruning", pruner=make_pruner(params.tune))
+    _check_objective(study, params.tune, storage)
+    pruning = load_study(store, study_name + PRUNING_SUFFIX, pruner=make_pruner(params.tune))
     runner = TrialRunner(shards, unet_checkpoint, out, params, study, pruning)
     try:
         study.optimize(runner, n_trials=n_trials, catch=TRIAL_FAILURES, gc_after_trial=True)
@@ -301,9 +308,7 @@ def write_report(storage: str, out: Path, params: Params, *, study_name: str = D
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     study = load_study(storage, study_name)
-    if [d.name.lower() for d in study.directions] != _directions(cfg):
-        raise ConfigError(f"study {study_name!r} was run with objective {study.user_attrs.get('objective')!r}, "
-                          f"tune.objective is {cfg.objective!r}")
+    _check_objective(study, cfg, storage)
     trials = study.get_trials(deepcopy=False)
     states: dict[str, int] = {s.name: 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     for t in trials:
