@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import yaml
 
@@ -114,6 +115,21 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def _is_text_field(keys: Sequence[str]) -> bool:
+    """Whether the params key ``keys`` is a field annotated exactly ``str``."""
+    cls: Any = Params
+    for i, key in enumerate(keys):
+        if not dataclasses.is_dataclass(cls):
+            return False
+        hints = get_type_hints(cls)
+        if key not in hints:
+            return False
+        if i == len(keys) - 1:
+            return hints[key] is str
+        cls = hints[key]
+    return False
+
+
 def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     """Deep-merge ``update`` into a copy of ``base`` (mappings merge, everything else replaces)."""
     out = copy.deepcopy(base)
@@ -134,6 +150,8 @@ def load_params(paths: Sequence[str | Path] = ("params.yaml",), overrides: Seque
         sources.append(str(p))
     for item in overrides:
         keys, value = parse_override(item)
+        if isinstance(value, (bool, int, float)) and _is_text_field(keys):
+            value = item.split("=", 1)[1].strip()  # a text field takes the text: model_name=2024 or =on
         node = data
         for k in keys[:-1]:
             nxt = node.setdefault(k, {})

@@ -82,3 +82,16 @@ def test_missing_file_names_it(tmp_path: Path) -> None:
 def test_from_mapping_converts_lists_to_tuples() -> None:
     params = from_mapping(Params, {"ingest": {"hu_window": [-100, 200]}})
     assert params.ingest.hu_window == (-100.0, 200.0)
+
+
+def test_set_gives_a_text_field_its_text() -> None:
+    """YAML would read these as an int, a bool and a float: a field annotated str keeps the text (the Kubeflow
+    steps pass str parameters this way); other fields keep YAML's typing and its checks."""
+    p = load_params([REPO / "params.yaml"], ["evaluate.model_name=2024", "data.root=1e3"])
+    assert (p.evaluate.model_name, p.data.root) == ("2024", "1e3")
+    assert load_params([REPO / "params.yaml"], ["evaluate.model_name=on"]).evaluate.model_name == "on"
+    assert load_params([REPO / "params.yaml"], ["refine.epochs=4"]).refine.epochs == 4
+    with pytest.raises(ConfigError, match=r"refine.epochs: expected int, got 'four'"):
+        load_params([REPO / "params.yaml"], ["refine.epochs=four"])
+    with pytest.raises(ConfigError, match=r"evaluate.model_name: expected str, got \[1, 2\]"):
+        load_params([REPO / "params.yaml"], ["evaluate.model_name=[1, 2]"])
