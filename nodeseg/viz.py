@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -13,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from nodeseg.atomic import atomic_file
 from nodeseg.levelset import zero_contours  # noqa: E402
 
 _COLOURS = {"ground truth": "#00c853", "unet": "#ffab00", "contour": "#2962ff", "image": "#d50000"}
@@ -21,15 +20,11 @@ _COLOURS = {"ground truth": "#00c853", "unet": "#ffab00", "contour": "#2962ff", 
 def _save(fig: plt.Figure, path: Path) -> Path:
     """Save a figure atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

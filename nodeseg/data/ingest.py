@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import tempfile
-import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from nodeseg.atomic import replace_dir
 from nodeseg.config import to_mapping
 from nodeseg.data.kits19 import (
     MAX_AXIS,
@@ -302,17 +302,6 @@ def _prepare_out(out: Path) -> Path:
     return tmp
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``, moving an older build aside first and deleting it afterwards."""
-    old = None
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def build_shards(
     source: Literal["kits19", "saliency"],
     root: str | os.PathLike[str],
@@ -398,7 +387,7 @@ def build_shards(
             "empty_masks": empty_masks,
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
-        _publish(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         for w in writers.values():
             w.abort()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from nodeseg.atomic import atomic_dir
 from nodeseg.data.kits19 import IMAGING, SEGMENTATION, list_cases, open_case
 from nodeseg.errors import InputError, check_arg
 
@@ -552,9 +552,7 @@ def _case_rng(seed: int, index: int) -> np.random.Generator:
 def _write_case_atomically(case_dir: Path, imaging: np.ndarray | None, segmentation: np.ndarray | None,
                            affine: np.ndarray, copy_segmentation_from: Path | None = None) -> None:
     """Write ``case_dir`` by building ``.<name>.tmp-*`` beside it and renaming it into place."""
-    tmp = case_dir.parent / f".{case_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(case_dir) as tmp:
         if imaging is not None:
             im = nib.Nifti1Image(imaging, affine)
             im.header.set_xyzt_units("mm")
@@ -565,12 +563,6 @@ def _write_case_atomically(case_dir: Path, imaging: np.ndarray | None, segmentat
             sg = nib.Nifti1Image(segmentation.astype(np.uint8), affine)
             sg.header.set_xyzt_units("mm")
             nib.save(sg, tmp / SEGMENTATION)
-        if case_dir.exists():
-            shutil.rmtree(case_dir)
-        os.replace(tmp, case_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_phantom_cases(out_dir: str | os.PathLike[str], cfg: PhantomConfig, seed: int) -> list[Path]:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from nodeseg.atomic import atomic_dir, atomic_file
 from nodeseg.data.kits19 import normalise_hu, read_volume
 from nodeseg.data.saliency import IMAGE_EXTS, load_image
 from nodeseg.data.transforms import fit_canvas, resize_image
@@ -76,16 +74,8 @@ def predict_volume(model: nn.Module, preprocessing: dict[str, Any], volume: Path
 
 
 def _atomic_nifti(img: nib.Nifti1Image, output: Path) -> None:
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if output.name.endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=suffix)
-    os.close(fd)
-    try:
+    with atomic_file(output, suffix=".nii.gz" if str(output).endswith(".gz") else ".nii") as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, output)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def predict_folder(model: nn.Module, preprocessing: dict[str, Any], folder: Path, output: Path,
@@ -96,9 +86,7 @@ def predict_folder(model: nn.Module, preprocessing: dict[str, Any], folder: Path
         raise InputError(folder, f"no images ({', '.join(sorted(IMAGE_EXTS))}) found")
     canvas = int(preprocessing.get("saliency_crop", 512))
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
-    try:
+    with atomic_dir(output) as tmp:
         for f in files:
             image = load_image(f)
             h, w = image.shape[1:]
@@ -107,12 +95,6 @@ def predict_folder(model: nn.Module, preprocessing: dict[str, Any], folder: Path
             rows, cols = int(valid.any(axis=1).sum()), int(valid.any(axis=0).sum())
             phi = resize_image(phi[:rows, :cols], (h, w))
             Image.fromarray(((phi < 0) * 255).astype(np.uint8)).save(tmp / f"{f.stem}.png")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 

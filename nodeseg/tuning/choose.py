@@ -10,13 +10,13 @@ seconds per step, then the better accuracy, then the lower trial number. The win
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
+from nodeseg.atomic import atomic_file
 from nodeseg.errors import NodesegError
 from nodeseg.tuning.config import TuneConfig
 
@@ -87,15 +87,10 @@ def write_solver_params(path: str | Path, solver: Mapping[str, Any]) -> None:
     node = contour.setdefault("solver", CommentedMap())
     for key, value in solver.items():
         node[key] = float(value) if isinstance(value, float) else value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as fh:
-        yaml.dump(doc, fh)
-    try:
+    with atomic_file(path) as tmp:
+        with tmp.open("w") as fh:
+            yaml.dump(doc, fh)
         loaded = load_params([tmp]).contour.solver
         wrong = {k: getattr(loaded, k) for k, v in solver.items() if getattr(loaded, k) != v}
         if wrong:
             raise NodesegError(f"{path}: the tuned solver did not read back: {wrong} != {dict(solver)}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
