@@ -130,13 +130,19 @@ def test_gradcheck_small_solve(adjoint: bool) -> None:
     assert torch.autograd.gradcheck(f, (phi0, h0, func.a), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-def test_adjoint_matches_direct_backprop_for_a_conv_func() -> None:
-    torch.manual_seed(1)
+def _conv_tuple_problem(seed: int, weight_std: float, size: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """A float64 conv fθ over the tuple state (φ: 1 channel, h: 2), its zero-initialised last layer drawn
+    from N(0, weight_std) so the flow moves, and a random batch-2 initial state of ``size``²."""
+    torch.manual_seed(seed)
     inner = ConvODEFunc(3, 8, 3, norm_groups=4).double()
     with torch.no_grad():
-        inner.out.weight.normal_(0, 0.1)
-    func = TupleStateFunc(inner, (1, 2))
-    y0 = (torch.randn(2, 1, 6, 6, dtype=F64), torch.randn(2, 2, 6, 6, dtype=F64))
+        inner.out.weight.normal_(0, weight_std)
+    y0 = (torch.randn(2, 1, size, size, dtype=F64), torch.randn(2, 2, size, size, dtype=F64))
+    return TupleStateFunc(inner, (1, 2)), y0
+
+
+def test_adjoint_matches_direct_backprop_for_a_conv_func() -> None:
+    func, y0 = _conv_tuple_problem(seed=1, weight_std=0.1, size=6)
     grads = []
     for adjoint in (False, True):
         cfg = SolverConfig(atol=1e-10, adjoint=adjoint, max_num_steps=5000, max_nfe=100_000)
@@ -300,12 +306,7 @@ def test_lean_dopri5_matches_torchdiffeq_dopri5(adjoint: bool) -> None:
 
     from nodeseg.dopri5 import METHOD
 
-    torch.manual_seed(3)
-    inner = ConvODEFunc(3, 8, 3, norm_groups=4).double()
-    with torch.no_grad():
-        inner.out.weight.normal_(0, 0.2)
-    func = TupleStateFunc(inner, (1, 2))
-    y0 = (torch.randn(2, 1, 8, 8, dtype=F64), torch.randn(2, 2, 8, 8, dtype=F64))
+    func, y0 = _conv_tuple_problem(seed=3, weight_std=0.2, size=8)
     t = torch.linspace(0, 1, 5, dtype=F64)
     results = []
     for method in ("dopri5", METHOD):
