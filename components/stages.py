@@ -14,6 +14,7 @@ from typing import Any
 from kfp import dsl
 
 from components.params import PipelineParam, stage_params
+from nodeseg.tuning import DEFAULT_STUDY
 
 NO_BASE_PARAMS = "/dev/null"
 
@@ -104,7 +105,7 @@ _MODELS = (
 #: where the study lives; the default is the PostgreSQL of k8s/base, the password comes as PGPASSWORD
 DEFAULT_STORAGE = "postgresql+psycopg2://optuna@postgres:5432/optuna"
 _STUDY = (Option("storage", str, DEFAULT_STORAGE, "--storage"),
-          Option("study_name", str, "nodeseg-tune", "--study-name"))
+          Option("study_name", str, DEFAULT_STUDY, "--study-name"))
 
 STAGES: dict[str, StageSpec] = {
     s.stage: s

@@ -18,6 +18,7 @@ from typing import Any
 
 from nodeseg import __version__
 from nodeseg.errors import NodesegError
+from nodeseg.tuning import DEFAULT_STUDY
 
 log = logging.getLogger("nodeseg")
 
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report folder; trial logs under trials/")
     p.add_argument("--storage", help="sqlite:///FILE, postgresql://..., FILE.db, journal:FILE or FILE.log "
                                      "(default: sqlite:///OUT/study.db)")
-    p.add_argument("--study-name", default="nodeseg-tune")
+    p.add_argument("--study-name", default=DEFAULT_STUDY)
     p.add_argument("--phase", choices=("all", "create", "optimize", "report"), default="all",
                    help="all: create, optimize, report; on a cluster run them as separate tasks")
     p.add_argument("--workers", type=int, default=1, help="local worker processes joining the study")

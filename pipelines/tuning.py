@@ -23,6 +23,8 @@ from typing import Any
 from kfp import dsl
 
 from components import pipeline_params
+from components.stages import DEFAULT_STORAGE
+from nodeseg.tuning import DEFAULT_STUDY
 from pipelines.definition import REQUIRED, Option, PipelineDef
 from pipelines.steps import Steps
 
@@ -38,9 +40,9 @@ def _trials_per_task() -> int:
 OPTIONS = (
     Option("shards_uri", str, REQUIRED, "URI of the shards (the preprocess output of a training run)"),
     Option("unet_uri", str, REQUIRED, "URI of the selected UNet (a select output folder holding model.pt)"),
-    Option("storage", str, "postgresql+psycopg2://optuna@postgres:5432/optuna",
+    Option("storage", str, DEFAULT_STORAGE,
            "Optuna storage URL every task joins (no password: PGPASSWORD comes from the Secret)"),
-    Option("study_name", str, "nodeseg-tune", "the study's name in the storage"),
+    Option("study_name", str, DEFAULT_STUDY, "the study's name in the storage"),
     Option("worker_indices", list, list(range(TASKS)), "one distinct index per parallel task"),
     Option("trials_per_task", int, _trials_per_task(), "trials each task runs"),
 )

@@ -39,7 +39,7 @@ from nodeseg.stages.refine import contour_builder
 from nodeseg.tracking import Tracker
 from nodeseg.train import ddp
 from nodeseg.train.loop import fit
-from nodeseg.tuning import choose, report
+from nodeseg.tuning import DEFAULT_STUDY, choose, report
 from nodeseg.tuning.config import TuneConfig
 from nodeseg.tuning.pruning import SUFFIX as PRUNING_SUFFIX
 from nodeseg.tuning.pruning import EpochPruning, create_pruning_study, make_pruner
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 
 Phase = Literal["all", "create", "optimize", "report"]
 PHASES: tuple[str, ...] = ("all", "create", "optimize", "report")
-DEFAULT_STUDY = "nodeseg-tune"
 #: what ends a trial as FAIL (recorded, the study goes on); anything else is a bug and stops the worker
 TRIAL_FAILURES: tuple[type[BaseException], ...] = (SolverError, TrainingDiverged, torch.OutOfMemoryError)
 

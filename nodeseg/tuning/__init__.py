@@ -5,3 +5,5 @@
 operating-point rule and writing it into params.yaml), ``report`` (the Pareto table and plots).
 The stage itself (trials through ``fit``, workers, phases) is ``nodeseg.stages.tune``.
 """
+
+DEFAULT_STUDY = "nodeseg-tune"  # the study name when --study-name is not given (CLI, stage, pipelines)
