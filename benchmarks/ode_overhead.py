@@ -161,12 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dopri5", choices=("nodeseg", "torchdiffeq"), default="nodeseg",
                    help="which dopri5 the solver runs: nodeseg.dopri5 (shipped) or torchdiffeq's own (the 'before' "
                         "figure); the latter writes ode_overhead_torchdiffeq.json")
+    p.add_argument("--adjoint", choices=("nodeseg", "torchdiffeq"), default="nodeseg",
+                   help="which adjoint back-propagates: nodeseg.adjoint (shipped) or torchdiffeq's odeint_adjoint "
+                        "(the 'before' figure); the latter writes ode_overhead_torchdiffeq_adjoint.json")
     args = p.parse_args(argv)
     device = common.setup(args)
-    if args.dopri5 == "torchdiffeq":
-        from nodeseg import solve
+    from nodeseg import solve
 
+    if args.dopri5 == "torchdiffeq":
         solve._TORCHDIFFEQ_METHOD.clear()  # dopri5 → torchdiffeq's Dopri5Solver
+    solve.ADJOINT["impl"] = args.adjoint
     reps = args.reps or (1 if args.quick else 7)
     rows = []
     for name, kind, preset, size, batch, solver in configs(args.quick):
@@ -178,8 +182,12 @@ def main(argv: list[str] | None = None) -> int:
             "overhead", "overhead_of_minima", "step_over_ideal_step", "ode_share_of_step"]
     print("Figure 1 — ODE machinery overhead: (step − rest) / (NFE_fwd·f + NFE_bwd·(f+vjp)); goal ≤ 1.05\n")
     print(common.table(rows, cols))
-    name = "ode_overhead" if args.dopri5 == "nodeseg" else "ode_overhead_torchdiffeq"
-    result = {"goal": "overhead <= 1.05", "dopri5": args.dopri5, "rows": rows}
+    name = "ode_overhead"
+    if args.dopri5 == "torchdiffeq":
+        name += "_torchdiffeq"
+    if args.adjoint == "torchdiffeq":
+        name += "_torchdiffeq_adjoint"
+    result = {"goal": "overhead <= 1.05", "dopri5": args.dopri5, "adjoint": args.adjoint, "rows": rows}
     path = common.write_result(args.out, name, result, device, args)
     print(f"\n{path}")
     return 0

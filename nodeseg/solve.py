@@ -10,12 +10,18 @@ about one graph of fθ). Both are reset at the start of each forward solve; ``nf
 ``reset_nfe()``. Evaluations made after a forward solve (the adjoint backward) are attributed to it, so call
 backward before the next forward of the same solver if the counts matter.
 
+**Adjoint.** With ``adjoint`` the backward pass is ``nodeseg.adjoint`` (one flat augmented state and no
+time adjoint: 25–40 % fewer backward evaluations than torchdiffeq's ``odeint_adjoint`` at the same gradient
+accuracy, see that module); torchdiffeq's serves where the times require grad. ``ADJOINT["impl"]``
+selects torchdiffeq's for comparisons (benchmarks).
+
 **Caps.** Every evaluation beyond ``max_nfe`` (in either pass) raises ``SolverError`` from inside the
-counter. torchdiffeq's ``max_num_steps exceeded`` / ``underflow in dt`` / non-finite-state assertions in the
-forward solve are re-raised as ``SolverError``. In the adjoint backward pass torchdiffeq cannot be caught
-(its assertion would surface from ``loss.backward()``), so a step callback raises ``SolverError`` first: at
-more than ``max_num_steps × intervals`` step attempts in the whole backward pass, a step that underflows,
-or a non-finite state or adjoint.
+counter. torchdiffeq's ``max_num_steps exceeded`` / ``underflow in dt`` / non-finite-state assertions are
+re-raised as ``SolverError``, in the forward solve and in ``nodeseg.adjoint``'s backward solve; a step
+callback also raises it at more than ``max_num_steps × intervals`` step attempts in the whole backward pass
+and when a NaN error estimate collapses the step size. (Inside torchdiffeq's own adjoint an assertion
+cannot be caught — it would surface from ``loss.backward()`` — so there the callback checks the step, its
+size and the state and adjoint for non-finite values first.)
 
 **Tuple state, not concatenation.** With ``rtol = 0`` a step is accepted when err/atol ≤ 1 under
 torchdiffeq's norm: the RMS over all elements of a tensor state, the max over per-tensor RMS norms
@@ -59,6 +65,7 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
+from nodeseg import adjoint as _adjoint
 from nodeseg import dopri5 as _dopri5
 from nodeseg.errors import SolverError, check_arg
 
@@ -71,6 +78,9 @@ State = Tensor | tuple[Tensor, ...]
 _LAND_ON_OUTPUT_TIMES = ("bosh3", "dopri8")
 # torchdiffeq solver table keys: dopri5 runs as nodeseg.dopri5's leaner arithmetic (same method and control)
 _TORCHDIFFEQ_METHOD = {"dopri5": _dopri5.METHOD}
+# which adjoint implementation back-propagates: nodeseg.adjoint (one flat augmented state) or torchdiffeq's
+# odeint_adjoint (the benchmarks' "before"); the lean one falls back to torchdiffeq's where it cannot serve
+ADJOINT = {"impl": "nodeseg"}
 _RUNAWAY_ASSERTIONS = ("max_num_steps exceeded", "underflow in dt", "non-finite values in state")
 
 
@@ -178,6 +188,24 @@ class _CountingFunc(nn.Module):
         self.totals[phase] += 1
         return self.func(t, y)
 
+    def count_backward_step(self, t0: Tensor, ya: Tensor, dt: Tensor) -> None:
+        """Called by ``nodeseg.adjoint`` before each step of the backward solve: the step cap, and for
+        fixed-step methods (adaptive ones assert it themselves) a finite state and adjoint."""
+        self.backward_steps += 1
+        if self.backward_steps > self.backward_step_cap:
+            raise self.error(f"max_num_steps exceeded ({self.backward_steps} step attempts)")
+        if self.config.fixed_step and not _dopri5.all_finite(ya):
+            raise self.error(f"non-finite values in the state or its adjoint at t={float(t0):.6g}")
+        if not bool(dt > 0):  # the error ratio was NaN: the step size collapses to min_step = 0
+            raise self.error(f"non-finite values in the derivative of the state or its adjoint at t={float(t0):.6g}")
+        if not (t0 - dt < t0):
+            raise self.error(f"underflow in dt {float(dt):.3g} at t={float(t0):.6g}")
+
+    def runaway(self, err: AssertionError) -> Exception:
+        """A torchdiffeq runaway assertion as ``SolverError``; any other assertion unchanged."""
+        msg = str(err)
+        return self.error(msg.split(":")[0]) if msg.startswith(_RUNAWAY_ASSERTIONS) else err
+
     def callback_step_adjoint(self, t0: Tensor, y0: object, dt: Tensor) -> None:
         """Called by torchdiffeq before each step of the adjoint solve (time runs backwards there)."""
         self.backward_steps += 1
@@ -194,8 +222,9 @@ class ODESolver(nn.Module):
     """Integrates ``dy/dt = func(t, y)`` with torchdiffeq per ``config``; counts and caps evaluations.
 
     ``forward(y0, t)`` takes a tensor or a tuple of tensors and returns the same structure stacked over
-    ``t`` (default ``[0, config.t1]``). Uses ``odeint_adjoint`` (adjoint_params = func's parameters,
-    seminorm when ``adjoint_seminorm``) when ``config.adjoint`` and grad mode is on, ``odeint`` otherwise.
+    ``t`` (default ``[0, config.t1]``). Back-propagates with the adjoint (``nodeseg.adjoint``; gradients to
+    func's parameters, seminorm when ``adjoint_seminorm``) when ``config.adjoint`` and grad mode is on, and
+    through torchdiffeq's ``odeint`` (direct backprop) otherwise.
     """
 
     def __init__(self, func: nn.Module, config: SolverConfig | None = None) -> None:
@@ -266,16 +295,23 @@ class ODESolver(nn.Module):
                     adjoint_options["norm"] = "seminorm"
                 if not c.fixed_step:  # the step callback caps the adjoint pass first (see module docstring)
                     adjoint_options["max_num_steps"] = c.max_num_steps * (len(t) - 1) + 1
+                if ADJOINT["impl"] == "nodeseg" and method in _adjoint.SUPPORTED and not t.requires_grad:
+                    return _adjoint.lean_odeint_adjoint(
+                        self.counter, y0, t, rtol=c.rtol, atol=c.atol, method=method, options=options,
+                        adjoint_options=adjoint_options, params=tuple(self.counter.parameters()),
+                        seminorm=c.adjoint_seminorm, step_callback=self.counter.count_backward_step,
+                        on_assertion=self.counter.runaway,
+                    )
                 return odeint_adjoint(
                     self.counter, y0, t, rtol=c.rtol, atol=c.atol, method=method, options=options,
                     adjoint_options=adjoint_options, adjoint_params=tuple(self.counter.parameters()),
                 )
             return odeint(self.counter, y0, t, rtol=c.rtol, atol=c.atol, method=method, options=options)
         except AssertionError as err:
-            msg = str(err)
-            if not msg.startswith(_RUNAWAY_ASSERTIONS):
+            exc = self.counter.runaway(err)
+            if exc is err:
                 raise
-            raise self.counter.error(msg.split(":")[0]) from None
+            raise exc from None
         finally:
             self.counter.phase = "backward"
 

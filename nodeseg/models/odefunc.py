@@ -31,10 +31,16 @@ FuncKind = Literal["conv", "unet"]
 FUNC_KINDS: tuple[str, ...] = ("conv", "unet")
 
 
-def append_time(x: Tensor, t: Tensor | float) -> Tensor:
-    """Concatenate a constant channel holding ``t`` to ``x`` ``(B, C, H, W) → (B, C+1, H, W)``."""
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(1, 1, 1, 1)
-    return torch.cat([x, t.expand(x.shape[0], 1, x.shape[2], x.shape[3])], dim=1)
+def append_time(x: Tensor | tuple[Tensor, ...], t: Tensor | float) -> Tensor:
+    """Concatenate a constant channel holding ``t`` to ``x`` ``(B, C, H, W) → (B, C+1, H, W)``.
+
+    ``x`` may be a tuple of ``(B, Cᵢ, H, W)`` parts (a tuple state): they and the time channel are
+    concatenated in one copy.
+    """
+    parts = list(x) if isinstance(x, tuple) else [x]
+    ref = parts[0]
+    t = torch.as_tensor(t, dtype=ref.dtype, device=ref.device).reshape(1, 1, 1, 1)
+    return torch.cat([*parts, t.expand(ref.shape[0], 1, ref.shape[2], ref.shape[3])], dim=1)
 
 
 class ConvODEFunc(nn.Module):
@@ -54,7 +60,7 @@ class ConvODEFunc(nn.Module):
         self.body = nn.Sequential(*body)
         self.out = zero_conv(hidden_channels, channels, 3)
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+    def forward(self, t: Tensor, x: Tensor | tuple[Tensor, ...]) -> Tensor:
         return self.out(self.body(append_time(x, t)))
 
 
@@ -70,7 +76,7 @@ class UNetODEFunc(nn.Module):
         self.unet = UNet(channels + 1, channels, base_channels, depth, norm_groups, activation,
                          max_channels=max_channels, zero_init_last=True)
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+    def forward(self, t: Tensor, x: Tensor | tuple[Tensor, ...]) -> Tensor:
         return self.unet(append_time(x, t))
 
 
@@ -99,7 +105,7 @@ class StackODEFunc(nn.Module):
         )
         self.out = zero_conv(width, channels, 1)
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+    def forward(self, t: Tensor, x: Tensor | tuple[Tensor, ...]) -> Tensor:
         return self.out(self.body(self.inp(append_time(x, t))))
 
 
@@ -114,7 +120,12 @@ class TupleStateFunc(nn.Module):
         self.split = tuple(split)
 
     def forward(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return torch.split(self.func(t, torch.cat(state, dim=1)), self.split, dim=1)
+        # the fθ here take the tuple as it is (one concatenation with the time channel); others get a tensor
+        x = tuple(state) if isinstance(self.func, _TUPLE_AWARE) else torch.cat(state, dim=1)
+        return torch.split(self.func(t, x), self.split, dim=1)
+
+
+_TUPLE_AWARE = (ConvODEFunc, UNetODEFunc, StackODEFunc)  # their forward starts with append_time(x, t)
 
 
 def build_odefunc(
