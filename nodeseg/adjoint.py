@@ -118,7 +118,6 @@ def _adjoint_norm(sizes: Sequence[int], param_sizes: Sequence[int], seminorm: bo
     return norm
 
 
-
 class _LeanAdjointMethod(torch.autograd.Function):
     """Forward: torchdiffeq's ``odeint`` under no_grad. Backward: the flat augmented system over s = −t."""
 
