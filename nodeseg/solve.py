@@ -188,18 +188,26 @@ class _CountingFunc(nn.Module):
         self.totals[phase] += 1
         return self.func(t, y)
 
-    def count_backward_step(self, t0: Tensor, ya: Tensor, dt: Tensor) -> None:
-        """Called by ``nodeseg.adjoint`` before each step of the backward solve: the step cap, and for
-        fixed-step methods (adaptive ones assert it themselves) a finite state and adjoint."""
+    def _backward_step(self, t0: Tensor, dt: Tensor) -> None:
+        """Count one backward step attempt; the step cap and dt underflow as ``SolverError``."""
         self.backward_steps += 1
         if self.backward_steps > self.backward_step_cap:
             raise self.error(f"max_num_steps exceeded ({self.backward_steps} step attempts)")
-        if self.config.fixed_step and not _dopri5.all_finite(ya):
-            raise self.error(f"non-finite values in the state or its adjoint at t={float(t0):.6g}")
-        if not bool(dt > 0):  # the error ratio was NaN: the step size collapses to min_step = 0
-            raise self.error(f"non-finite values in the derivative of the state or its adjoint at t={float(t0):.6g}")
         if not (t0 - dt < t0):
             raise self.error(f"underflow in dt {float(dt):.3g} at t={float(t0):.6g}")
+
+    def _check_finite(self, t0: Tensor, parts: tuple[Tensor, ...]) -> None:
+        if not all(_dopri5.all_finite(p) for p in parts):
+            raise self.error(f"non-finite values in the state or its adjoint at t={float(t0):.6g}")
+
+    def count_backward_step(self, t0: Tensor, ya: Tensor, dt: Tensor) -> None:
+        """Called by ``nodeseg.adjoint`` before each step of the backward solve: the step cap, dt, and for
+        fixed-step methods (adaptive ones assert it themselves) a finite state and adjoint."""
+        if self.config.fixed_step:
+            self._check_finite(t0, (ya,))
+        if not bool(dt > 0):  # the error ratio was NaN: the step size collapses to min_step = 0
+            raise self.error(f"non-finite values in the derivative of the state or its adjoint at t={float(t0):.6g}")
+        self._backward_step(t0, dt)
 
     def runaway(self, err: AssertionError) -> Exception:
         """A torchdiffeq runaway assertion as ``SolverError``; any other assertion unchanged."""
@@ -207,15 +215,10 @@ class _CountingFunc(nn.Module):
         return self.error(msg.split(":")[0]) if msg.startswith(_RUNAWAY_ASSERTIONS) else err
 
     def callback_step_adjoint(self, t0: Tensor, y0: object, dt: Tensor) -> None:
-        """Called by torchdiffeq before each step of the adjoint solve (time runs backwards there)."""
-        self.backward_steps += 1
-        if self.backward_steps > self.backward_step_cap:
-            raise self.error(f"max_num_steps exceeded ({self.backward_steps} step attempts)")
-        if not (t0 - dt < t0):
-            raise self.error(f"underflow in dt {float(dt):.3g} at t={float(t0):.6g}")
-        parts = y0[1:3] if isinstance(y0, tuple) else (y0,)  # (t, y, adj_y, *adj_params): check y, adj_y
-        if not all(_dopri5.all_finite(p) for p in parts):
-            raise self.error(f"non-finite values in the state or its adjoint at t={float(t0):.6g}")
+        """Called by torchdiffeq's own adjoint before each step (time runs backwards there)."""
+        self._backward_step(t0, dt)
+        # (t, y, adj_y, *adj_params): check y, adj_y
+        self._check_finite(t0, tuple(y0[1:3]) if isinstance(y0, tuple) else (y0,))  # type: ignore[arg-type]
 
 
 class ODESolver(nn.Module):
