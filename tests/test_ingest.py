@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import nibabel as nib
@@ -13,7 +15,7 @@ import pytest
 from PIL import Image
 
 from nodeseg.config import from_mapping, to_mapping
-from nodeseg.data.ingest import IngestConfig, build_shards, resolve_workers, split_ids
+from nodeseg.data.ingest import IngestConfig, _init_worker, build_shards, resolve_workers, split_ids
 from nodeseg.data.kits19 import IMAGING, SEGMENTATION, kept_slices, list_cases, open_case
 from nodeseg.data.shards import SliceDataset, read_manifest, read_records, shard_files
 from nodeseg.data.synthetic import PhantomConfig, kits_affine, write_phantom_cases
@@ -274,3 +276,18 @@ def test_real_kits19_pseudo_ct_shards_on_three_cases(kits19_labels_dir: Path, tm
     # stored spacing: the real 0.78 mm pixels scaled by H / 64
     h = open_case(root / "case_00000", require_imaging=False).shape[1]
     assert item["spacing"][0].item() == pytest.approx(0.781625 * h / 64, rel=1e-4) or item["case_id"] != "case_00000"
+
+
+def test_pool_workers_limit_blas_and_openmp_to_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool uses every core, so each worker must run one thread: numpy's BLAS is loaded before the
+    initializer runs, so only threadpoolctl can limit it (two BLAS threads per worker made the pseudo-CT
+    pool slower than one process). The tests' OMP_NUM_THREADS=1 is removed so the worker sees what a
+    user's shell gives it."""
+    from threadpoolctl import threadpool_info
+
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_init_worker) as ex:
+        pools = ex.submit(threadpool_info).result()
+    assert pools, "no BLAS/OpenMP pool found in the worker"
+    assert {p["internal_api"]: p["num_threads"] for p in pools} == {p["internal_api"]: 1 for p in pools}

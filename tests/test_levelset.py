@@ -93,6 +93,25 @@ def test_equals_scipy_edt_construction() -> None:
     assert phi.min() == pytest.approx(-5.0)
 
 
+@pytest.mark.parametrize("spacing", [None, (0.78, 0.78), (2.5, 0.4)])
+def test_small_objects_equal_the_whole_image_transform(spacing: tuple[float, float] | None) -> None:
+    """φ is computed on a window around the object; it must equal the transforms over the whole image,
+    bit for bit, for objects in the middle, at the border and with clip just beyond a half-pixel."""
+    rng = np.random.default_rng(7)
+    sampling = spacing or (1.0, 1.0)
+    half = 0.5 * min(sampling)
+    kw = {"sampling": spacing} if spacing else {}
+    for trial in range(40):
+        mask = np.zeros((int(rng.integers(20, 90)), int(rng.integers(20, 90))), dtype=bool)
+        for _ in range(int(rng.integers(1, 3))):
+            r, c = int(rng.integers(0, mask.shape[0])), int(rng.integers(0, mask.shape[1]))
+            mask[r:r + int(rng.integers(1, 12)), c:c + int(rng.integers(1, 12))] = True
+        clip = float(rng.choice([0.6, 1.0, 3.3, 8.0, 20.0]))
+        ref = np.where(mask, half - distance_transform_edt(mask, **kw), distance_transform_edt(~mask, **kw) - half)
+        ref = np.clip(ref, -clip, clip).astype(np.float32)
+        np.testing.assert_array_equal(signed_distance(mask, spacing=spacing, clip=clip), ref, err_msg=f"trial {trial}")
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sign_is_the_mask(seed: int) -> None:
     rng = np.random.default_rng(seed)

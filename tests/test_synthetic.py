@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from nodeseg.config import from_mapping
 from nodeseg.data.kits19 import IMAGING, SEGMENTATION, kept_slices, list_cases, open_case
@@ -18,6 +19,7 @@ from nodeseg.data.synthetic import (
     write_phantom_cases,
     write_pseudo_ct_cases,
 )
+from nodeseg.data.transforms import resize_image, resize_mask
 from nodeseg.errors import ConfigError, InputError
 
 # a 400 mm field of view on a small grid, like the real 512 × 0.78 mm
@@ -81,8 +83,6 @@ def test_tumours_follow_probability() -> None:
 
 
 def _kidney_and_rim(seg: np.ndarray, hu: np.ndarray) -> tuple[float, float]:
-    from scipy import ndimage
-
     fg = seg > 0
     rim = ndimage.binary_dilation(fg, iterations=3) & ~fg
     return float(hu[fg].mean()), float(hu[rim].mean())
@@ -101,6 +101,41 @@ def test_difficulty_knobs_change_the_image() -> None:
     assert k_clean > rim_clean  # kidneys brighter than their immediate surroundings on average
     same = synthesize_imaging(labels, np.random.default_rng(2), spacing=spacing, cfg=clean_cfg)
     assert np.array_equal(same, clean.astype(np.int16))
+
+
+def _appearance(image: np.ndarray, organ: np.ndarray) -> dict[str, float]:
+    """Mean inside the organ, mean on a ring around it, and the std of the high-pass residual there."""
+    inner = np.stack([ndimage.binary_erosion(m, iterations=1) for m in organ])
+    ring = np.stack([ndimage.binary_dilation(m, iterations=5) & ~ndimage.binary_dilation(m, iterations=1)
+                     for m in organ])
+    high = image - ndimage.gaussian_filter(image, (0, 1.5, 1.5))
+    return {"organ": float(image[inner].mean()), "ring": float(image[ring].mean()),
+            "noise": float(high[inner | ring].std())}
+
+
+def test_rendering_at_the_output_grid_matches_rendering_then_shrinking() -> None:
+    """Ingest renders the pseudo-CT from shrunk labels (``source_spacing``): its organ and ring means and
+    its fine-scale noise must match rendering at the source grid and shrinking with resize_image, to 10 %."""
+    src = PhantomConfig(n_slices=40, shape=(256, 256), spacing=(3.0, 1.5625, 1.5625))
+    labels = phantom_labels(src, np.random.default_rng(3))
+    keep = kept_slices(labels, (1,))[::3]
+    seg, out = labels[keep], (96, 96)
+    fine = synthesize_imaging(seg, np.random.default_rng(8), spacing=src.spacing, slice_indices=keep)
+    reference = np.stack([resize_image(h.astype(np.float32), out) for h in fine])
+    organ = np.stack([resize_mask(s > 0, out) for s in seg])
+    tumour = np.stack([resize_mask(s == 2, out) for s in seg]) & organ
+    small = organ + tumour
+    spacing = (3.0, 1.5625 * 256 / 96, 1.5625 * 256 / 96)
+    direct = synthesize_imaging(small, np.random.default_rng(8), spacing=spacing, slice_indices=keep,
+                                source_spacing=src.spacing[1:]).astype(np.float32)
+    naive = synthesize_imaging(small, np.random.default_rng(8), spacing=spacing, slice_indices=keep).astype(np.float32)
+    a, b, c = _appearance(reference, organ), _appearance(direct, organ), _appearance(naive, organ)
+    assert a["organ"] - a["ring"] > 40  # the comparison is about a visible organ
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=0.1), (key, a, b)
+    assert c["noise"] > 1.5 * a["noise"]  # rendering at the coarse grid without it is far too noisy
+    with pytest.raises(ValueError, match="source_spacing"):
+        synthesize_imaging(small, np.random.default_rng(0), spacing=spacing, source_spacing=(0.0, 1.0))
 
 
 def test_synthesize_imaging_on_a_subset_of_slices() -> None:

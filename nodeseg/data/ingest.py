@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from nodeseg.atomic import replace_dir
 from nodeseg.config import to_mapping
@@ -179,34 +180,57 @@ def _kits_case(folder: str, cfg: IngestConfig, seed: int) -> _ItemResult:
         return _ItemResult(case.case_id, [], n_total, skipped=reason, warnings=[f"{case.folder}: {reason}"])
     seg_k = np.ascontiguousarray(seg[keep])
     del seg
-    if case.has_imaging:
-        hu = case.load_imaging(keep)
-        source = "kits19"
-    else:
-        rng = np.random.default_rng(np.random.SeedSequence([seed, int(case.case_id[5:])]))
-        hu = synthesize_imaging(seg_k, rng, spacing=case.spacing, cfg=cfg.phantom, slice_indices=keep)
-        source = "kits19-pseudo-ct"
-    image = normalise_hu(hu, cfg.hu_window, cfg.normalisation, cfg.zscore_stats)
-    del hu
     h, w = seg_k.shape[1:]
     size = (cfg.size, cfg.size)
     spacing = (case.spacing[1] * h / cfg.size, case.spacing[2] * w / cfg.size)
+    masks = np.stack([resize_mask(foreground(s, cfg.foreground_labels), size) for s in seg_k])
+    if case.has_imaging:
+        hu = case.load_imaging(keep)
+        image = np.stack([resize_image(p, size) for p in normalise_hu(hu, cfg.hu_window, cfg.normalisation,
+                                                                        cfg.zscore_stats)])
+        source = "kits19"
+    else:
+        # the pseudo-CT is rendered at the output grid from the shrunk labels, with the blur and noise
+        # that rendering at the source grid and shrinking would leave (synthesize_imaging's source_spacing)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, int(case.case_id[5:])]))
+        hu = synthesize_imaging(_shrunk_labels(seg_k, masks, cfg.foreground_labels, size), rng,
+                                spacing=(case.spacing[0], *spacing), cfg=cfg.phantom, slice_indices=keep,
+                                source_spacing=case.spacing[1:])
+        image = normalise_hu(hu, cfg.hu_window, cfg.normalisation, cfg.zscore_stats)
+        source = "kits19-pseudo-ct"
+    del hu
     valid = np.ones(size, dtype=np.uint8)
-    records, empty = [], 0
-    for j, s in enumerate(keep):
-        mask = resize_mask(foreground(seg_k[j], cfg.foreground_labels), size)
-        empty += int(not mask.any())
-        records.append(SliceRecord(
+    records = [
+        SliceRecord(
             case_id=case.case_id,
             slice_index=int(s),
-            image=resize_image(image[j], size)[None],
-            mask=mask,
-            phi=signed_distance(mask, clip=cfg.clip),
+            image=image[j][None],
+            mask=masks[j],
+            phi=signed_distance(masks[j], clip=cfg.clip),
             valid=valid,
             spacing=spacing,
             source=source,
-        ))
+        )
+        for j, s in enumerate(keep)
+    ]
+    empty = int(np.count_nonzero(~masks.any(axis=(1, 2))))
     return _ItemResult(case.case_id, records, n_total, empty_masks=empty)
+
+
+def _shrunk_labels(seg: np.ndarray, masks: np.ndarray, foreground_labels: Sequence[int],
+                   size: tuple[int, int]) -> np.ndarray:
+    """Labels (0, 1, 2) of ``seg`` (slices, H, W) at ``size``: kidney ∪ tumour and tumour each by majority
+    vote, so the rendered organ outline is the shrunk target's (``masks`` when that is kidney ∪ tumour)."""
+    if tuple(sorted(foreground_labels)) == (1, 2):
+        organ = masks
+    else:
+        organ = np.stack([resize_mask(s > 0, size) for s in seg])
+    out = organ.copy()
+    for j, s in enumerate(seg):
+        tumour = s == 2
+        if tumour.any():
+            out[j][(resize_mask(tumour, size) == 1) & (organ[j] == 1)] = 2
+    return out
 
 
 def _saliency_item(pair: SaliencyPair, cfg: IngestConfig, source: str) -> _ItemResult:
@@ -242,8 +266,18 @@ def _run(fn: Callable[..., _ItemResult], args: tuple) -> tuple[str, Any]:
     return "ok", result
 
 
+_LIMITS: list[object] = []
+
+
 def _init_worker() -> None:
+    """One thread per worker process: the pool already uses every core.
+
+    numpy is imported (and OpenBLAS has started its threads) before this runs, so the environment is too
+    late for it; threadpoolctl limits the loaded BLAS/OpenMP pools. Without it the small matrix products
+    of the pseudo-CT renderer ran two BLAS threads per worker and made the pool slower than one process.
+    """
     os.environ["OMP_NUM_THREADS"] = "1"
+    _LIMITS.append(threadpool_limits(limits=1))
     try:
         import torch
 
