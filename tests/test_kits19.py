@@ -19,6 +19,7 @@ from nodeseg.data.kits19 import (
     normalise_hu,
     open_case,
     read_volume,
+    take_slices,
 )
 from nodeseg.data.synthetic import kits_affine
 from nodeseg.errors import InputError
@@ -74,6 +75,21 @@ def test_uint16_labels_and_scaled_imaging(tmp_path: Path) -> None:
     case = open_case(folder)
     assert case.load_segmentation().dtype == np.uint8
     assert np.all(case.load_imaging() == 15.0)
+
+
+@pytest.mark.parametrize("dtype", ["<i2", ">i2", "<f4", ">u2"])
+def test_voxels_read_through_isal_equal_nibabels(tmp_path: Path, dtype: str) -> None:
+    """The .nii.gz voxels come from ISA-L's inflate into nibabel's array_from_file: they must equal what
+    nibabel decodes itself, in either byte order, and an uncompressed .nii takes nibabel's own path."""
+    rng = np.random.default_rng(1)
+    data = rng.integers(-300, 900 if dtype != ">u2" else 3, size=(7, 33, 20)).astype(dtype)
+    for name in ("ct.nii.gz", "ct.nii"):
+        path = tmp_path / name
+        nib.save(nib.Nifti1Image(data, kits_affine(SPACING)), path)
+        hu, img = read_volume(path)
+        expected = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+        np.testing.assert_array_equal(hu, expected)
+        assert hu.dtype == np.float32 and hu.shape == data.shape
 
 
 def test_list_cases_sorted_ignores_files(tmp_path: Path) -> None:
@@ -228,6 +244,23 @@ def test_kept_slices_rules() -> None:
     assert kept_slices(np.zeros((3, 4, 4), np.uint8)).size == 0
     with pytest.raises(ValueError, match="keep_labels"):
         kept_slices(seg, (3,))
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_take_slices_equals_numpy_indexing(order: str) -> None:
+    """Tiles of 64 voxels: shapes that are and are not multiples of it, ranges, gaps, repeats, negatives."""
+    rng = np.random.default_rng(0)
+    for shape in [(9, 130, 70), (5, 64, 64), (1, 3, 200)]:
+        v = np.asarray(rng.integers(0, 3, size=shape, dtype=np.uint8), order=order)
+        n = shape[0]
+        for idx in ([0], list(range(n)), list(range(1, n)), [n - 1, 0], [0, 0, n - 1], [-1], [], [2, 4] if n > 4 else [0]):
+            got = take_slices(v, idx)
+            np.testing.assert_array_equal(got, v[np.asarray(idx, dtype=np.intp)])
+            assert got.flags.c_contiguous and not np.shares_memory(got, v)
+    with pytest.raises(IndexError):
+        take_slices(np.zeros((3, 4, 4), order="F"), [3])
+    with pytest.raises(ValueError, match="volume"):
+        take_slices(np.zeros((4, 4)), [0])
 
 
 def test_foreground_union() -> None:

@@ -39,6 +39,7 @@ from nodeseg.data.kits19 import (
     list_cases,
     normalise_hu,
     open_case,
+    take_slices,
 )
 from nodeseg.data.saliency import SaliencyPair, find_pairs, load_image, load_mask
 from nodeseg.data.shards import MANIFEST_NAME, SCHEMA_VERSION, ShardWriter, SliceRecord
@@ -178,7 +179,7 @@ def _kits_case(folder: str, cfg: IngestConfig, seed: int) -> _ItemResult:
         labels = ", ".join(str(v) for v in cfg.keep_labels)
         reason = f"no slice with label(s) {labels}: the case contributes no rows"
         return _ItemResult(case.case_id, [], n_total, skipped=reason, warnings=[f"{case.folder}: {reason}"])
-    seg_k = np.ascontiguousarray(seg[keep])
+    seg_k = take_slices(seg, keep)
     del seg
     h, w = seg_k.shape[1:]
     size = (cfg.size, cfg.size)
