@@ -23,7 +23,7 @@ EXPECTED = {
     "nfe_memory": ("adjoint_vs_direct", {"solver", "nfe_forward", "peak_adjoint_MiB", "peak_direct_MiB",
                                          "memory_ratio_adjoint_direct", "time_ratio_adjoint_direct"}),
     "flops": ("rows", {"config", "variant", "gflop_per_step", "achieved_gflops", "peak_gflops", "ratio_to_peak"}),
-    "ingest": ("rows", {"cases", "rows", "decode_s", "ingest_s", "ratio"}),
+    "ingest": ("rows", {"cases", "rows", "decode_s", "decode_isal_s", "ingest_s", "ratio", "ratio_isal"}),
     "inference": ("rows", {"model", "slices_per_second", "seconds_per_batch"}),
     "solver_peers": ("rows", {"solver", "ratio_to_torchdiffeq", "nfe_forward", "rms_error_y1"}),
 }
