@@ -136,6 +136,10 @@ def test_rendering_at_the_output_grid_matches_rendering_then_shrinking() -> None
     assert c["noise"] > 1.5 * a["noise"]  # rendering at the coarse grid without it is far too noisy
     with pytest.raises(ValueError, match="source_spacing"):
         synthesize_imaging(small, np.random.default_rng(0), spacing=spacing, source_spacing=(0.0, 1.0))
+    # nothing shrunk: the same image as rendering without source_spacing
+    same = synthesize_imaging(small, np.random.default_rng(8), spacing=spacing, slice_indices=keep,
+                              source_spacing=spacing[1:])
+    assert np.array_equal(same, naive.astype(np.int16))
 
 
 def test_synthesize_imaging_on_a_subset_of_slices() -> None:

@@ -548,7 +548,7 @@ def _look(cfg: PhantomConfig, spacing: tuple[float, float], source_spacing: tupl
     blur, tex_px, tex_keep, noise_keep = [], [], 1.0, 1.0
     for d, d_src in zip(spacing, source_spacing, strict=True):
         s = max(d / d_src, 1.0)
-        spread = s * s / 6.0
+        spread = s * s / 6.0 if s > 1.0 else 0.0  # resize_image leaves a plane of the same size untouched
         blur.append(math.sqrt((cfg.blur_mm / d_src) ** 2 + spread) / s)
         tex = 1.5 / max(d_src, 0.3) + 0.5  # the texture's correlation at the source grid, source px
         tex_px.append(math.sqrt(tex * tex + spread) / s)
