@@ -13,6 +13,10 @@ Same method, tableau, error norm, step-size control, callbacks and assertions as
   ``atol + 0·max(|y0|, |y1|)``; identical values whenever the result is finite, and torchdiffeq's own
   expression otherwise (so non-finite states take the same path).
 * **Finite-state check** as ``‖y0‖∞`` finite (one reduction) instead of ``isfinite(y0).all()``.
+* **Quadrature beside the state** (``options["quadrature"]``, a :class:`Quadrature`): an integrand the
+  dynamics report with each evaluation (``stash``) but that neither feeds back into them nor enters the
+  error norm is summed with the solution weights over accepted steps only, instead of riding along in
+  every stage sum. The adjoint's parameter gradient is such an integrand (``nodeseg.adjoint``).
 * **Time cast without a pass over the state**: torchdiffeq's evaluation wrapper casts t to
   ``y.abs().dtype`` (an ``abs`` of the whole state per evaluation); the same dtype is read off ``y``.
 
@@ -43,9 +47,23 @@ from torchdiffeq._impl.misc import (
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import _RungeKuttaState, _UncheckedAssign
 
-__all__ = ["METHOD", "FastDopri5Solver", "all_finite"]
+__all__ = ["METHOD", "FastDopri5Solver", "Quadrature", "all_finite"]
 
 METHOD = "nodeseg_dopri5"
+
+
+class Quadrature:
+    """∫ q dt over the accepted steps of a solve, where the dynamics append q(t, y) to ``stash`` at every
+    evaluation (in evaluation order) and q does not influence the state.
+
+    Dormand–Prince is first-same-as-last, so a step's first q is the previous step's last; the solver
+    adds ``dt·Σᵢ bᵢ qᵢ`` (the solution weights) to ``total`` when a step is accepted. ``total`` is the same
+    sum the Runge–Kutta state would have carried for q, without q in any stage input or error estimate.
+    """
+
+    def __init__(self, total: Tensor) -> None:
+        self.total = total
+        self.stash: list[Tensor] = []
 
 
 class _PendingFit(NamedTuple):
@@ -91,9 +109,11 @@ def _lean(func: object) -> object:
 class FastDopri5Solver(Dopri5Solver):
     """Dormand–Prince 5(4) as torchdiffeq's ``Dopri5Solver``, with the arithmetic of the module docstring."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: object, quadrature: Quadrature | None = None, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.func = _lean(self.func)
+        self.quadrature = quadrature
+        self._q_first: Tensor | None = None  # q at the current step's (t0, y0): FSAL, as f0
         tab = self.tableau
         # the Dormand–Prince property _rk_step relies on: y1 is the input of the last stage
         assert tab.c_sol[-1] == 0 and bool((tab.c_sol[:-1] == tab.beta[-1]).all())
@@ -150,6 +170,25 @@ class FastDopri5Solver(Dopri5Solver):
 
     # ---------------------------------------------------------------- torchdiffeq's driver, step by step
 
+    def _before_integrate(self, t: Tensor) -> None:
+        q = self.quadrature
+        if q is not None:
+            q.stash.clear()
+        super()._before_integrate(t)
+        if q is not None:  # the first evaluation is f0 at (t0, y0); a second may choose the first step
+            self._q_first = q.stash[0]
+            q.stash.clear()
+
+    def _accumulate(self, dt: Tensor, next_first: Tensor) -> None:
+        """Add the accepted step's ``dt·Σ bᵢ qᵢ`` to the quadrature; ``next_first`` is q at its end point."""
+        q = self.quadrature
+        assert q is not None and self._q_first is not None
+        stages = [self._q_first, *q.stash[: self._n_stages - 1]]
+        for b, qi in zip(self.tableau.c_sol.tolist(), stages, strict=True):
+            if b != 0.0:
+                q.total.add_(qi, alpha=float(dt) * b)
+        self._q_first = next_first
+
     def _advance(self, next_t: Tensor) -> Tensor:
         n_steps = 0
         while next_t > self.rk_state.t1:
@@ -199,6 +238,8 @@ class FastDopri5Solver(Dopri5Solver):
                 t1 = next_jump_t
                 dt = t1 - t0
 
+        if self.quadrature is not None:
+            self.quadrature.stash.clear()
         y1, f1, y1_error, k = self._rk_step(y0, f0, t0, dt, t1)
         error_ratio = self._error_ratio(y1_error, y0, y1)
         accept_step = error_ratio <= 1
@@ -218,6 +259,8 @@ class FastDopri5Solver(Dopri5Solver):
                 if self.next_jump_index != len(self.jump_t) - 1:
                     self.next_jump_index += 1
                 f1 = self.func(t_next, y_next, perturb=Perturb.NEXT)
+            if self.quadrature is not None:
+                self._accumulate(dt, self.quadrature.stash[-1])
             f_next = f1
         else:
             self.func.callback_reject_step(t0, y0, dt)

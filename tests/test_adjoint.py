@@ -8,6 +8,7 @@ from torch import Tensor
 
 from nodeseg import solve
 from nodeseg.adjoint import lean_odeint_adjoint
+from nodeseg.dopri5 import METHOD as DOPRI5
 from nodeseg.models.odefunc import ConvODEFunc, TupleStateFunc
 from nodeseg.solve import ODESolver, SolverConfig
 
@@ -110,3 +111,49 @@ def test_unsupported_method_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match=r"method 'heun3' is not supported .* expected one of"):
         lean_odeint_adjoint(f, torch.zeros(1, 2, 4, 4), torch.tensor([0.0, 1.0]), rtol=0.0, atol=1e-3,
                             method="heun3", options={}, adjoint_options={}, params=())
+
+
+class _Counting(torch.nn.Module):
+    """fθ with a count of its evaluations."""
+
+    def __init__(self, func: torch.nn.Module) -> None:
+        super().__init__()
+        self.func, self.calls = func, 0
+
+    def forward(self, t: Tensor, y: Tensor) -> Tensor:
+        self.calls += 1
+        return self.func(t, y)
+
+
+def _lean_gradients(quadrature: bool, seminorm: bool = True) -> tuple[Tensor, int]:
+    """∂L/∂(y0, θ) through lean_odeint_adjoint with dopri5 (float64, three output times); backward NFE."""
+    torch.manual_seed(0)
+    f = ConvODEFunc(5, 8, 3, norm_groups=4).to(F64)
+    for p in f.out.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    func = _Counting(f)
+    y0 = torch.randn(2, 5, 12, 12, dtype=F64, requires_grad=True)
+    t = torch.linspace(0, 1, 3, dtype=F64)
+    # step_t (any value: it is replaced by each interval's end) lands the in-state path on the output
+    # times too, so both take the same steps
+    ys = lean_odeint_adjoint(func, y0, t, rtol=0.0, atol=1e-6, method=DOPRI5, options={},
+                             adjoint_options={"step_t": t[:1]}, params=tuple(f.parameters()),
+                             seminorm=seminorm, quadrature=quadrature)
+    n_forward = func.calls
+    ((ys[1:] ** 2).sum() + (ys[-1] * torch.sin(ys[-1])).sum()).backward()
+    return torch.cat([y0.grad.reshape(-1)] + [p.grad.reshape(-1) for p in f.parameters()]), func.calls - n_forward
+
+
+def test_parameter_quadrature_equals_carrying_the_parameters_in_the_state() -> None:
+    """Under the seminorm the parameter adjoint summed beside the state (accepted steps, solution weights)
+    is the sum the Runge–Kutta state computes for it: the same gradients to float64 rounding, the same steps."""
+    quad, nb_quad = _lean_gradients(quadrature=True)
+    state, nb_state = _lean_gradients(quadrature=False)
+    assert nb_quad == nb_state
+    n_y = 2 * 5 * 12 * 12
+    torch.testing.assert_close(quad[:n_y], state[:n_y], rtol=1e-12, atol=0)  # ∂L/∂y0: the same solve
+    torch.testing.assert_close(quad[n_y:], state[n_y:], rtol=1e-11, atol=1e-14)  # ∂L/∂θ: a different sum order
+    assert float(quad[n_y:].abs().max()) > 1e-3  # the parameters do get a gradient
+    # the full norm keeps g in the error control, so the parameters stay in the state there
+    full, nb_full = _lean_gradients(quadrature=True, seminorm=False)
+    assert nb_full > nb_state
