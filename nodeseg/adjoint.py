@@ -107,12 +107,11 @@ class _AugmentedDynamics(nn.Module):
             else:
                 dst.view(y.shape).copy_(v)
             offset += size
-        if self.params:
-            g = torch.cat([(torch.zeros_like(p) if v is None else v).reshape(-1)
-                           for p, v in zip(self.params, vjps[len(ys):], strict=True)],
-                          out=None if q is not None else buf[offset:])
-            if q is not None:
-                q.stash.append(g)
+        if q is not None:
+            q.stash.append(vjps[len(ys):])
+        elif self.params:
+            torch.cat([(torch.zeros_like(p) if v is None else v).reshape(-1)
+                       for p, v in zip(self.params, vjps[len(ys):], strict=True)], out=buf[offset:])
         return buf
 
 
@@ -163,8 +162,11 @@ class _LeanAdjointMethod(torch.autograd.Function):
             shapes = [s.shape[1:] for s in sols]
             options = dict(spec["adjoint_options"])
             n_params = sum(p.numel() for p in params)
-            quad = (Quadrature(ys.new_zeros(n_params)) if params and spec["quadrature"] and spec["seminorm"]
-                    and spec["method"] == DOPRI5 and "jump_t" not in options else None)
+            use_quad = params and spec["quadrature"] and spec["seminorm"] and spec["method"] == DOPRI5 \
+                and "jump_t" not in options
+            g_flat = ys.new_zeros(n_params)
+            quad = Quadrature([g.view_as(p) for g, p in zip(g_flat.split([p.numel() for p in params]), params,
+                                                            strict=True)]) if use_quad else None
             dyn = _AugmentedDynamics(spec["func"], shapes, spec["is_tuple"], params, spec["callback"], quad)
             n = dyn.n
             z = torch.cat([ys[-1], gys[-1]] + ([] if quad is not None else [ys.new_zeros(n_params)]))
@@ -185,7 +187,7 @@ class _LeanAdjointMethod(torch.autograd.Function):
                 z[:n] = ys[i - 1]  # restart from the forward solve's state (as torchdiffeq does)
                 z[n: 2 * n] += gys[i - 1]
             adj_y = dyn.split(z[n: 2 * n])
-            g_all = z[2 * n:] if quad is None else quad.total
+            g_all = z[2 * n:] if quad is None else g_flat
             if quad is not None and not all_finite(g_all):
                 err = AssertionError("non-finite values in the parameter adjoint (the gradient of fθ's weights)")
                 if spec["on_assertion"] is None:

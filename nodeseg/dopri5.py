@@ -28,6 +28,7 @@ own 'dopri5' is untouched).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -56,14 +57,22 @@ class Quadrature:
     """∫ q dt over the accepted steps of a solve, where the dynamics append q(t, y) to ``stash`` at every
     evaluation (in evaluation order) and q does not influence the state.
 
-    Dormand–Prince is first-same-as-last, so a step's first q is the previous step's last; the solver
-    adds ``dt·Σᵢ bᵢ qᵢ`` (the solution weights) to ``total`` when a step is accepted. ``total`` is the same
-    sum the Runge–Kutta state would have carried for q, without q in any stage input or error estimate.
+    q is a list of tensors shaped like ``total`` (None where a part is zero), so a parameter gradient is
+    summed tensor by tensor without first concatenating it. Dormand–Prince is first-same-as-last, so a
+    step's first q is the previous step's last; the solver adds ``dt·Σᵢ bᵢ qᵢ`` (the solution weights) to
+    ``total`` when a step is accepted: the sum the Runge–Kutta state would have carried for q, without q in
+    any stage input or error estimate.
     """
 
-    def __init__(self, total: Tensor) -> None:
-        self.total = total
-        self.stash: list[Tensor] = []
+    def __init__(self, total: Sequence[Tensor]) -> None:
+        self.total = list(total)
+        self.stash: list[Sequence[Tensor | None]] = []
+
+    def add(self, q: Sequence[Tensor | None], weight: float) -> None:
+        """``total += weight · q`` (one multi-tensor operation over the non-zero parts)."""
+        pairs = [(a, b) for a, b in zip(self.total, q, strict=True) if b is not None]
+        if pairs:
+            torch._foreach_add_([a for a, _ in pairs], [b for _, b in pairs], alpha=weight)
 
 
 class _PendingFit(NamedTuple):
@@ -113,7 +122,7 @@ class FastDopri5Solver(Dopri5Solver):
         super().__init__(*args, **kwargs)
         self.func = _lean(self.func)
         self.quadrature = quadrature
-        self._q_first: Tensor | None = None  # q at the current step's (t0, y0): FSAL, as f0
+        self._q_first: Sequence[Tensor | None] | None = None  # q at the current step's (t0, y0): FSAL, as f0
         tab = self.tableau
         # the Dormand–Prince property _rk_step relies on: y1 is the input of the last stage
         assert tab.c_sol[-1] == 0 and bool((tab.c_sol[:-1] == tab.beta[-1]).all())
@@ -179,14 +188,14 @@ class FastDopri5Solver(Dopri5Solver):
             self._q_first = q.stash[0]
             q.stash.clear()
 
-    def _accumulate(self, dt: Tensor, next_first: Tensor) -> None:
+    def _accumulate(self, dt: Tensor, next_first: Sequence[Tensor | None]) -> None:
         """Add the accepted step's ``dt·Σ bᵢ qᵢ`` to the quadrature; ``next_first`` is q at its end point."""
         q = self.quadrature
         assert q is not None and self._q_first is not None
         stages = [self._q_first, *q.stash[: self._n_stages - 1]]
         for b, qi in zip(self.tableau.c_sol.tolist(), stages, strict=True):
             if b != 0.0:
-                q.total.add_(qi, alpha=float(dt) * b)
+                q.add(qi, float(dt) * b)
         self._q_first = next_first
 
     def _advance(self, next_t: Tensor) -> Tensor:
