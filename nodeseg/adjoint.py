@@ -85,17 +85,19 @@ class _AugmentedDynamics(nn.Module):
         if self._callback is not None:
             self._callback(s0, z0[: 2 * self.n], ds)
 
-    def forward(self, s: Tensor, z: Tensor) -> Tensor:
+    accepts_out = True  # nodeseg.dopri5 may hand it the stage row to write into
+
+    def forward(self, s: Tensor, z: Tensor, out: Tensor | None = None) -> Tensor:
         n = self.n
         t = -s
         with torch.enable_grad():
             ys = [y.detach().requires_grad_(True) for y in self.split(z[:n])]
-            out = self.base(t, tuple(ys) if self.is_tuple else ys[0])
-            outs = list(out) if self.is_tuple else [out]
+            fx = self.base(t, tuple(ys) if self.is_tuple else ys[0])
+            outs = list(fx) if self.is_tuple else [fx]
             # d a/ds = +aᵀ ∂f/∂y and d g/ds = +aᵀ ∂f/∂θ (dt = −ds): the VJP against +a
             vjps = torch.autograd.grad(outs, (*ys, *self.params), self.split(z[n: 2 * n]), allow_unused=True)
         q = self.quadrature
-        buf = torch.empty(2 * n + (0 if q is not None else self.n_params), dtype=z.dtype, device=z.device)
+        buf = out if out is not None else torch.empty(z.shape, dtype=z.dtype, device=z.device)
         offset = 0
         for o, size in zip(outs, self.sizes, strict=True):  # d y/ds = −f(t, y)
             torch.neg(o, out=buf[offset: offset + size].view(o.shape))

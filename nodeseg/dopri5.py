@@ -17,6 +17,11 @@ Same method, tableau, error norm, step-size control, callbacks and assertions as
   dynamics report with each evaluation (``stash``) but that neither feeds back into them nor enters the
   error norm is summed with the solution weights over accepted steps only, instead of riding along in
   every stage sum. The adjoint's parameter gradient is such an integrand (``nodeseg.adjoint``).
+* **Evaluations written straight into the stage storage** when no graph is being recorded (the adjoint's
+  forward and backward solves, inference): a function with ``accepts_out`` (the tuple-state adapter
+  below, the adjoint's dynamics) writes f into its row of ``k``, where torchdiffeq copies every f into
+  ``k`` — and, for a tuple state, first flattens each part (``reshape`` of a strided view: a copy) and
+  concatenates them (another). One copy per evaluation instead of three.
 * **Time cast without a pass over the state**: torchdiffeq's evaluation wrapper casts t to
   ``y.abs().dtype`` (an ``abs`` of the whole state per evaluation); the same dtype is read off ``y``.
 
@@ -28,7 +33,7 @@ own 'dopri5' is untouched).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -41,9 +46,11 @@ from torchdiffeq._impl.misc import (
     _all_adjoint_callback_names,
     _all_callback_names,
     _compute_error_ratio,
+    _flat_to_shape,
     _nextafter,
     _optimal_step_size,
     _PerturbFunc,
+    _TupleFunc,
 )
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import _RungeKuttaState, _UncheckedAssign
@@ -92,7 +99,7 @@ def all_finite(y: Tensor) -> bool:
 class _LeanPerturbFunc(_PerturbFunc):
     """torchdiffeq's ``_PerturbFunc`` without computing ``y.abs()`` to learn the real dtype of ``y``."""
 
-    def forward(self, t: Tensor, y: Tensor, *, perturb: Perturb = Perturb.NONE) -> Tensor:
+    def forward(self, t: Tensor, y: Tensor, *, perturb: Perturb = Perturb.NONE, out: Tensor | None = None) -> Tensor:
         assert isinstance(perturb, Perturb), "perturb argument must be of type Perturb enum"
         if torch.is_complex(t):
             t = t.real
@@ -101,14 +108,41 @@ class _LeanPerturbFunc(_PerturbFunc):
             t = _nextafter(t, t + 1)
         elif perturb is Perturb.PREV:
             t = _nextafter(t, t - 1)
-        return self.base_func(t, y)
+        return self.base_func(t, y) if out is None else self.base_func(t, y, out=out)
+
+
+class _LeanTupleFunc(torch.nn.Module):
+    """torchdiffeq's ``_TupleFunc`` (a tuple-state function on the flat state) with one copy per part,
+    into a new flat tensor or into ``out``."""
+
+    accepts_out = True
+
+    def __init__(self, base_func: Callable[..., Sequence[Tensor]], shapes: Sequence[torch.Size]) -> None:
+        super().__init__()
+        self.base_func = base_func
+        self.shapes = list(shapes)
+
+    def forward(self, t: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
+        parts = self.base_func(t, _flat_to_shape(y, (), self.shapes))
+        if out is None:
+            out = torch.empty(y.shape, dtype=parts[0].dtype, device=y.device)
+        offset = 0
+        for part, shape in zip(parts, self.shapes, strict=True):
+            n = shape.numel()
+            out[offset: offset + n].view(shape).copy_(part)
+            offset += n
+        return out
 
 
 def _lean(func: object) -> object:
-    """``func`` as a :class:`_LeanPerturbFunc` when it is torchdiffeq's wrapper (callbacks carried over)."""
+    """``func`` as a :class:`_LeanPerturbFunc` when it is torchdiffeq's wrapper (callbacks carried over),
+    around a :class:`_LeanTupleFunc` where torchdiffeq wrapped a tuple state in its ``_TupleFunc``."""
     if type(func) is not _PerturbFunc:
         return func
-    lean = _LeanPerturbFunc(func.base_func)
+    base = func.base_func
+    if type(base) is _TupleFunc:
+        base = _LeanTupleFunc(base.base_func, base.shapes)
+    lean = _LeanPerturbFunc(base)
     for name in (*_all_callback_names, *_all_adjoint_callback_names):
         if name in func.__dict__:
             setattr(lean, name, func.__dict__[name])
@@ -128,6 +162,7 @@ class FastDopri5Solver(Dopri5Solver):
         assert tab.c_sol[-1] == 0 and bool((tab.c_sol[:-1] == tab.beta[-1]).all())
         self._n_stages = len(tab.alpha) + 1
         self._rtol_zero = self.atol.ndim == 0 and bool((self.rtol == 0).all())
+        self._writes_out = isinstance(self.func, _LeanPerturbFunc) and getattr(self.func.base_func, "accepts_out", False)
 
     # ---------------------------------------------------------------- one Runge–Kutta step
 
@@ -142,14 +177,18 @@ class FastDopri5Solver(Dopri5Solver):
         k = torch.empty(self._n_stages, f0.numel(), dtype=y0.dtype, device=y0.device)
         k = _UncheckedAssign.apply(k, f0.reshape(-1), (0,))
         yi = y0
+        direct = self._writes_out and not torch.is_grad_enabled()  # no graph: f goes straight into k
         for i, (alpha_i, beta_i) in enumerate(zip(tab.alpha, tab.beta, strict=True)):
             if alpha_i == 1.0:
                 ti, perturb = t1, Perturb.PREV
             else:
                 ti, perturb = t0 + alpha_i * dt, Perturb.NONE
             yi = torch.addmv(y0_flat, k[: i + 1].t(), beta_i * dt).view(shape)
-            f = self.func(ti, yi, perturb=perturb)
-            k = _UncheckedAssign.apply(k, f.reshape(-1), (i + 1,))
+            if direct:
+                self.func(ti, yi, perturb=perturb, out=k[i + 1].view(shape))
+            else:
+                f = self.func(ti, yi, perturb=perturb)
+                k = _UncheckedAssign.apply(k, f.reshape(-1), (i + 1,))
         # Dormand–Prince: c_sol equals the last β row (and c_sol[-1] = 0), so y1 is the last stage's input
         y1 = yi
         f1 = k[-1].view(shape)

@@ -337,3 +337,39 @@ class _Counted(nn.Module):
     def forward(self, t: torch.Tensor, y):
         self.calls += 1
         return self.func(t, y)
+
+
+def test_evaluations_written_into_the_stage_rows_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a graph (inference, the adjoint's solves) nodeseg's dopri5 has the tuple-state adapter write
+    each evaluation into its row of the stage storage; the solution must be bit-identical to the path that
+    copies, which runs when grad mode is on."""
+    from torchdiffeq import odeint
+
+    from nodeseg import dopri5
+
+    torch.manual_seed(0)
+    f = ConvODEFunc(5, 8, 3, norm_groups=4).to(torch.float64)
+    for p in f.out.parameters():
+        nn.init.normal_(p, std=0.3)
+    func = TupleStateFunc(f, (1, 4)).requires_grad_(False)
+    x = torch.randn(2, 5, 12, 12, dtype=torch.float64)
+    t = torch.linspace(0, 1, 3, dtype=torch.float64)
+    writes: list[bool] = []
+    forward = dopri5._LeanTupleFunc.forward
+
+    def spy(self: nn.Module, t: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        writes.append(out is not None)
+        return forward(self, t, y, out)
+
+    monkeypatch.setattr(dopri5._LeanTupleFunc, "forward", spy)
+
+    def solve() -> tuple[torch.Tensor, ...]:
+        return odeint(func, (x[:, :1], x[:, 1:]), t, rtol=0.0, atol=1e-6, method=dopri5.METHOD)
+
+    with torch.no_grad():
+        direct = solve()
+    n_direct, n_written = len(writes), sum(writes)
+    copied = solve()  # grad mode on: torchdiffeq's copy into k, which autograd can follow
+    assert n_written > 0.8 * n_direct and sum(writes) == n_written  # only the no-grad solve wrote directly
+    for a, b in zip(direct, copied, strict=True):
+        assert torch.equal(a, b)
