@@ -10,9 +10,10 @@ about one graph of fθ). Both are reset at the start of each forward solve; ``nf
 ``reset_nfe()``. Evaluations made after a forward solve (the adjoint backward) are attributed to it, so call
 backward before the next forward of the same solver if the counts matter.
 
-**Adjoint.** With ``adjoint`` the backward pass is ``nodeseg.adjoint`` (one flat augmented state and no
-time adjoint: 25–40 % fewer backward evaluations than torchdiffeq's ``odeint_adjoint`` at the same gradient
-accuracy, see that module); torchdiffeq's serves where the times require grad. ``ADJOINT["impl"]``
+**Adjoint.** With ``adjoint`` the backward pass is ``nodeseg.adjoint`` (one flat augmented state, no
+time adjoint, the parameter gradient summed as a quadrature beside [y; a] with dopri5, backward intervals
+that land on their output times: 25–60 % fewer backward evaluations than torchdiffeq's ``odeint_adjoint``
+at the same gradient accuracy, see that module); torchdiffeq's serves where the times require grad. ``ADJOINT["impl"]``
 selects torchdiffeq's for comparisons (benchmarks).
 
 **Caps.** Every evaluation beyond ``max_nfe`` (in either pass) raises ``SolverError`` from inside the
