@@ -166,9 +166,10 @@ class _LeanAdjointMethod(torch.autograd.Function):
             n_params = sum(p.numel() for p in params)
             use_quad = params and spec["quadrature"] and spec["seminorm"] and spec["method"] == DOPRI5 \
                 and "jump_t" not in options
-            g_flat = ys.new_zeros(n_params)
-            quad = Quadrature([g.view_as(p) for g, p in zip(g_flat.split([p.numel() for p in params]), params,
-                                                            strict=True)]) if use_quad else None
+            quad, g_flat = None, ys.new_zeros(n_params if use_quad else 0)
+            if use_quad:
+                quad = Quadrature([g.view_as(p) for g, p in zip(g_flat.split([p.numel() for p in params]), params,
+                                                                strict=True)])
             dyn = _AugmentedDynamics(spec["func"], shapes, spec["is_tuple"], params, spec["callback"], quad)
             n = dyn.n
             z = torch.cat([ys[-1], gys[-1]] + ([] if quad is not None else [ys.new_zeros(n_params)]))
