@@ -15,26 +15,39 @@ from nodeseg.solve import ODESolver, SolverConfig
 F64 = torch.float64
 
 
+def _flow() -> ConvODEFunc:
+    """A time-conditioned conv fθ (float64, 5 channels) with a non-trivial flow: last layer σ 0.3, seed 0."""
+    torch.manual_seed(0)
+    f = ConvODEFunc(5, 8, 3, norm_groups=4).to(F64)
+    for p in f.out.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return f
+
+
+def _loss(ys: Tensor) -> Tensor:
+    """A loss with a gradient at every output time after the first."""
+    return (ys[1:] ** 2).sum() + (ys[-1] * torch.sin(ys[-1])).sum()
+
+
+def _flat_grad(x: Tensor, f: torch.nn.Module) -> Tensor:
+    """∂L/∂x and ∂L/∂θ, flattened into one vector."""
+    return torch.cat([x.grad.reshape(-1)] + [p.grad.reshape(-1) for p in f.parameters()])
+
+
 def _gradients(impl: str, *, method: str = "dopri5", atol: float = 1e-6, adjoint: bool = True,
                tuple_state: bool = True, n_times: int = 2, monkeypatch: pytest.MonkeyPatch
                ) -> tuple[Tensor, int, int]:
     """∂L/∂(y0, θ) of a time-conditioned conv fθ (float64, 2×5×12×12, non-trivial flow); (grad, NFE fwd, bwd)."""
     monkeypatch.setitem(solve.ADJOINT, "impl", impl)
-    torch.manual_seed(0)
-    f = ConvODEFunc(5, 8, 3, norm_groups=4).to(F64)
-    for p in f.out.parameters():
-        torch.nn.init.normal_(p, std=0.3)
+    f = _flow()
     fixed = {"step_size": 0.25, "first_step": None} if method in solve.FIXED_STEP_METHODS else {}
     cfg = SolverConfig(method=method, atol=atol, adjoint=adjoint, max_num_steps=5000, max_nfe=10**6, **fixed)
     solver = ODESolver(TupleStateFunc(f, (1, 4)) if tuple_state else f, cfg)
     x = torch.randn(2, 5, 12, 12, dtype=F64, requires_grad=True)
     t = torch.linspace(0, 1, n_times, dtype=F64)
     out = solver((x[:, :1], x[:, 1:]), t) if tuple_state else solver(x, t)
-    ys = torch.cat(out, 2) if tuple_state else out
-    loss = (ys[1:] ** 2).sum() + (ys[-1] * torch.sin(ys[-1])).sum()  # a gradient at every output time
-    loss.backward()
-    grad = torch.cat([x.grad.reshape(-1)] + [p.grad.reshape(-1) for p in f.parameters()])
-    return grad, solver.nfe_forward, solver.nfe_backward
+    _loss(torch.cat(out, 2) if tuple_state else out).backward()
+    return _flat_grad(x, f), solver.nfe_forward, solver.nfe_backward
 
 
 @pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
@@ -127,10 +140,7 @@ class _Counting(torch.nn.Module):
 
 def _lean_gradients(quadrature: bool, seminorm: bool = True) -> tuple[Tensor, int]:
     """∂L/∂(y0, θ) through lean_odeint_adjoint with dopri5 (float64, three output times); backward NFE."""
-    torch.manual_seed(0)
-    f = ConvODEFunc(5, 8, 3, norm_groups=4).to(F64)
-    for p in f.out.parameters():
-        torch.nn.init.normal_(p, std=0.3)
+    f = _flow()
     func = _Counting(f)
     y0 = torch.randn(2, 5, 12, 12, dtype=F64, requires_grad=True)
     t = torch.linspace(0, 1, 3, dtype=F64)
@@ -140,8 +150,8 @@ def _lean_gradients(quadrature: bool, seminorm: bool = True) -> tuple[Tensor, in
                              adjoint_options={"step_t": t[:1]}, params=tuple(f.parameters()),
                              seminorm=seminorm, quadrature=quadrature)
     n_forward = func.calls
-    ((ys[1:] ** 2).sum() + (ys[-1] * torch.sin(ys[-1])).sum()).backward()
-    return torch.cat([y0.grad.reshape(-1)] + [p.grad.reshape(-1) for p in f.parameters()]), func.calls - n_forward
+    _loss(ys).backward()
+    return _flat_grad(y0, f), func.calls - n_forward
 
 
 def test_parameter_quadrature_equals_carrying_the_parameters_in_the_state() -> None:
