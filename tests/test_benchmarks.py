@@ -23,7 +23,8 @@ EXPECTED = {
     "nfe_memory": ("adjoint_vs_direct", {"solver", "nfe_forward", "peak_adjoint_MiB", "peak_direct_MiB",
                                          "memory_ratio_adjoint_direct", "time_ratio_adjoint_direct"}),
     "flops": ("rows", {"config", "variant", "gflop_per_step", "achieved_gflops", "peak_gflops", "ratio_to_peak"}),
-    "ingest": ("rows", {"cases", "rows", "decode_s", "decode_isal_s", "ingest_s", "ratio", "ratio_isal"}),
+    "ingest": ("rows", {"imaging", "cases", "rows", "decode_s", "decode_isal_s", "ingest_s", "ratio",
+                        "ratio_isal"}),
     "inference": ("rows", {"model", "slices_per_second", "seconds_per_batch"}),
     "solver_peers": ("rows", {"solver", "ratio_to_torchdiffeq", "nfe_forward", "rms_error_y1"}),
 }
@@ -56,3 +57,6 @@ def test_quick_run_writes_valid_json(name: str, tmp_path: Path, capsys: pytest.C
     assert rows and all(row_keys <= set(r) for r in rows)
     assert _finite_numbers(rows)
     assert _headline(name, data)  # the runner's summary understands it
+    if name == "ingest":  # both ways the image reaches the ingest: rendered, and read from written files
+        assert [r["imaging"] for r in rows] == ["render", "files"]
+        assert rows[0]["rows"] == rows[1]["rows"] and rows[1]["decoded"] == "imaging+segmentation"

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from nodeseg.data import kits19
 from nodeseg.data.kits19 import (
     IMAGING,
     SEGMENTATION,
@@ -90,6 +91,48 @@ def test_voxels_read_through_isal_equal_nibabels(tmp_path: Path, dtype: str) -> 
         expected = np.asarray(nib.load(path).dataobj, dtype=np.float32)
         np.testing.assert_array_equal(hu, expected)
         assert hu.dtype == np.float32 and hu.shape == data.shape
+
+
+@pytest.mark.parametrize("dtype", ["<i2", ">i2", "<f4", "u1"])
+@pytest.mark.parametrize("chunk_bytes", [1, 700, 1 << 20])
+def test_kept_slices_streamed_equal_the_whole_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    dtype: str, chunk_bytes: int) -> None:
+    """load_imaging(slices) inflates a few W-columns at a time and gathers the slices from each chunk:
+    the result must equal nibabel's whole volume indexed by the slices, whatever the chunk size (one
+    column, a few with a short last chunk, the whole volume), dtype, byte order or slice order."""
+    monkeypatch.setattr(kits19, "_CHUNK_BYTES", chunk_bytes)
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 250, size=(9, 13, 11)).astype(dtype)
+    folder = _case(tmp_path, seg=np.zeros(data.shape, np.uint8), img=data)
+    whole = np.asarray(nib.load(folder / IMAGING).dataobj, dtype=np.float32)
+    case = open_case(folder)
+    for slices in ([0], [8, 2, 2, 5], np.arange(9), [-1, 3]):
+        got = case.load_imaging(slices)
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, whole[np.asarray(slices)])
+
+
+def test_streamed_slices_refuse_nan_anywhere_and_truncation(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The streamed read keeps the whole read's refusals: NaN/inf in any slice, kept or not (same count and
+    first voxel in the message), and voxel data cut short."""
+    monkeypatch.setattr(kits19, "_CHUNK_BYTES", 6 * 16 * 4 * 3)  # 3 W-columns per chunk
+    img = np.zeros((6, 16, 16), np.float32)
+    img[4, 9, 12] = np.nan
+    img[2, 11, 3] = np.inf
+    img[2, 11, 1] = -np.inf
+    img[4, 0, 0] = np.nan  # same chunk as (2, 11, 1), before it in the file, after it in (slice, row, col)
+    case = open_case(_case(tmp_path, img=img))
+    with pytest.raises(InputError, match=r"4 NaN/inf voxels \(first at \(slice, row, col\) = \(2, 11, 1\)\)"):
+        case.load_imaging([0, 1])
+    folder = _case(tmp_path, "case_00001")
+    raw = gzip.decompress((folder / IMAGING).read_bytes())
+    (folder / IMAGING).write_bytes(gzip.compress(raw[: len(raw) - 300]))
+    with pytest.raises(InputError, match="truncated or corrupt voxel data") as err:
+        open_case(folder).load_imaging([1])
+    assert err.value.path == str(folder / IMAGING) and "\n" not in str(err.value)
+    with pytest.raises(IndexError):
+        open_case(_case(tmp_path, "case_00002")).load_imaging([6])
 
 
 def test_list_cases_sorted_ignores_files(tmp_path: Path) -> None:
@@ -215,6 +258,35 @@ def test_labels_outside_range(tmp_path: Path) -> None:
         case.load_segmentation()
 
 
+@pytest.mark.parametrize("dtype", ["u1", "<u2", ">i2", "<f4"])
+@pytest.mark.parametrize("chunk_bytes", [1, 500, 1 << 20])
+def test_streamed_labels_equal_the_whole_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str,
+                                              chunk_bytes: int) -> None:
+    """Integer label maps are streamed a few W-columns at a time into a C-ordered uint8 volume that starts
+    at zero and gets only the slices with a label in each chunk: equal to nibabel's whole volume for every
+    chunk size and dtype (float labels take the whole-volume path), and a value outside 0…2 in any chunk
+    gets the whole read's detailed refusal."""
+    monkeypatch.setattr(kits19, "_CHUNK_BYTES", chunk_bytes)
+    rng = np.random.default_rng(3)
+    seg = np.zeros((7, 12, 10), np.uint8)
+    seg[1:3, 2:6, 1:4] = 1
+    seg[2, 3:5, 2:3] = 2
+    seg[5, 8:11, 6:9] = rng.integers(0, 3, size=(3, 3))  # labels in a later W-column, noise-like
+    folder = _case(tmp_path, seg=seg.astype(dtype), with_imaging=False)
+    got = open_case(folder, require_imaging=False).load_segmentation()
+    assert got.dtype == np.uint8 and got.shape == seg.shape
+    np.testing.assert_array_equal(got, np.asarray(nib.load(folder / SEGMENTATION).dataobj))
+    np.testing.assert_array_equal(got, seg)
+    if dtype != "<f4":
+        bad = seg.astype(dtype)
+        bad[6, 11, 9] = 3 if dtype != ">i2" else -1  # the very last voxel of the file's last chunk
+        folder = _case(tmp_path, "case_00001", seg=bad, with_imaging=False)
+        shown = "3" if dtype != ">i2" else "-1"
+        with pytest.raises(InputError, match=rf"found {shown} in 1 voxels, first at \(slice, row, col\) = "
+                                             r"\(6, 11, 9\)"):
+            open_case(folder, require_imaging=False).load_segmentation()
+
+
 def _header_only(path: Path, shape: tuple[int, ...]) -> None:
     """A .nii.gz holding only a header that claims ``shape`` (no voxel data at all)."""
     hdr = nib.Nifti1Header()
@@ -277,6 +349,14 @@ def test_normalise_hu() -> None:
     assert z.dtype == np.float32
     with pytest.raises(ValueError, match="window"):
         normalise_hu(hu, window=(10.0, -10.0))
+    # inplace: the same values in the caller's float32 array; other dtypes are still copied
+    for mode in ("minmax", "zscore"):
+        work = hu.copy()
+        out = normalise_hu(work, mode=mode, inplace=True)  # type: ignore[arg-type]
+        assert out is work
+        np.testing.assert_array_equal(out, normalise_hu(hu, mode=mode))  # type: ignore[arg-type]
+    ints = np.array([-1000, 112, 2000], dtype=np.int16)
+    assert normalise_hu(ints, inplace=True).dtype == np.float32 and ints[0] == -1000
 
 
 def test_read_volume_standalone(tmp_path: Path) -> None:

@@ -188,7 +188,7 @@ def _kits_case(folder: str, cfg: IngestConfig, seed: int) -> _ItemResult:
     if case.has_imaging:
         hu = case.load_imaging(keep)
         image = np.stack([resize_image(p, size) for p in normalise_hu(hu, cfg.hu_window, cfg.normalisation,
-                                                                        cfg.zscore_stats)])
+                                                                        cfg.zscore_stats, inplace=True)])
         source = "kits19"
     else:
         # the pseudo-CT is rendered at the output grid from the shrunk labels, with the blur and noise

@@ -12,7 +12,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -50,6 +50,7 @@ MAX_AXIS = 4096
 MAX_VOXELS = 1 << 29  # 537 M voxels: 2 GiB as float32; the largest interpolated KiTS19 case has 116 M
 CASE_RE = re.compile(r"case_\d{5}")
 _TILE = 64  # take_slices copies Fortran-ordered volumes in tiles of _TILE × _TILE voxels per slice
+_CHUNK_BYTES = 1 << 20  # _read_slices inflates this much of a volume at a time (whole W-columns)
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, isal_zlib.error, struct.error, ImageFileError,
                 HeaderDataError)
 
@@ -139,8 +140,114 @@ def _check_finite(a: np.ndarray, path: Path) -> None:
         finite = np.isfinite(a)
         if not finite.all():
             bad = ~finite
-            raise InputError(path, f"{int(bad.sum())} NaN/inf voxels (first at (slice, row, col) = "
-                                   f"{_first_index(bad)}); fix or drop the case")
+            _refuse_non_finite(path, int(bad.sum()), _first_index(bad))
+
+
+def _refuse_non_finite(path: Path, count: int, first: tuple[int, ...]) -> None:
+    raise InputError(path, f"{count} NaN/inf voxels (first at (slice, row, col) = {first}); fix or drop the case")
+
+
+def _streamable(img: nib.Nifti1Image, path: Path) -> bool:
+    """Whether ``_columns`` can stream the voxels of ``img``: a gzipped, Fortran-ordered (every NIfTI) file."""
+    return path.name.endswith(".gz") and img.dataobj.order == "F"
+
+
+def _columns(img: nib.Nifti1Image, path: Path) -> Iterator[tuple[int, np.ndarray]]:
+    """The voxels of a gzipped Fortran-ordered volume (S, H, W), a few W-columns at a time.
+
+    Yields ``(w0, chunk)`` where ``chunk`` (k, H, S), C order, stored dtype, is ``volume[:, :, w0:w0+k]``
+    transposed, a view of one reused buffer of about ``_CHUNK_BYTES`` that ISA-L inflates into: use it
+    before the next. Read errors become ``InputError(path, ...)``.
+    """
+    proxy = img.dataobj
+    n_s, n_h, n_w = (int(v) for v in proxy.shape)
+    dtype = np.dtype(proxy.dtype)
+    column = n_s * n_h * dtype.itemsize
+    k = max(1, _CHUNK_BYTES // column)
+    buf = bytearray(column * min(k, n_w))
+    view = memoryview(buf)
+    try:
+        with igzip.open(path, "rb") as f:
+            f.seek(int(proxy.offset))
+            for w0 in range(0, n_w, k):
+                kk = min(k, n_w - w0)
+                need, got = kk * column, 0
+                while got < need:
+                    n = f.readinto(view[got:need])
+                    if not n:
+                        raise EOFError(f"expected {n_w * column} bytes of voxels, the stream ended after "
+                                       f"{w0 * column + got}")
+                    got += n
+                yield w0, np.frombuffer(buf, dtype=dtype, count=kk * n_h * n_s).reshape(kk, n_h, n_s)
+    except MemoryError:
+        raise InputError(path, f"not enough memory to read a volume of shape {proxy.shape}") from None
+    except _READ_ERRORS as err:
+        raise InputError(path, f"truncated or corrupt voxel data ({_oneline(err)}); re-download the file") from None
+
+
+def _read_slices(img: nib.Nifti1Image, path: Path, slices: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``volume[slices]`` (C order, stored dtype, unscaled) without holding the whole volume.
+
+    A streamable volume (``_columns``) has the wanted slices gathered from each chunk while it is in cache:
+    memory is the kept slices, not the volume, and there is no whole-volume allocation or second pass.
+    The voxels are checked for NaN/inf as they stream past (all of them, kept or not). Other files go
+    through ``_read`` and ``take_slices``. Equal to ``take_slices(_read(...), slices)``.
+    """
+    proxy = img.dataobj
+    shape = tuple(int(v) for v in proxy.shape)
+    idx = np.arange(shape[0])[np.asarray(slices, dtype=np.intp)]  # numpy's bounds check and negatives
+    if not _streamable(img, path) or idx.size == 0:
+        raw = _read(img, path)
+        _check_finite(raw, path)
+        return take_slices(raw, idx)
+    dtype = np.dtype(proxy.dtype)
+    try:
+        out = np.empty((idx.size, *shape[1:]), dtype=dtype)
+    except MemoryError:
+        raise InputError(path, f"not enough memory for {idx.size} slices of a volume of shape {shape}") from None
+    floating = np.issubdtype(dtype, np.floating)
+    n_bad, first = 0, None
+    for w0, chunk in _columns(img, path):
+        if floating:
+            bad = ~np.isfinite(chunk)
+            if bad.any():
+                w, h, s = np.nonzero(bad)
+                n_bad += int(w.size)
+                j = np.lexsort((w, h, s))[0]
+                here = (int(s[j]), int(h[j]), w0 + int(w[j]))
+                first = here if first is None else min(first, here)
+        out[:, :, w0:w0 + chunk.shape[0]] = chunk[:, :, idx].transpose(2, 1, 0)
+    if n_bad:
+        _refuse_non_finite(path, n_bad, first)  # type: ignore[arg-type]
+    return out
+
+
+def _read_labels(img: nib.Nifti1Image, path: Path) -> np.ndarray | None:
+    """The label volume as C-ordered uint8 (S, H, W), streamed, or None where the fast path does not apply.
+
+    For a streamable integer volume with no scaling: each chunk is range-checked (0…2) while in cache, and
+    only the slices with a label in it are written into a zero-initialised output — label maps are mostly
+    background, and untouched pages of ``np.zeros`` cost nothing. None (the caller takes the whole-volume
+    path and its detailed error) for floats, scaled data, or a value outside 0…2.
+    """
+    proxy = img.dataobj
+    dtype = np.dtype(proxy.dtype)
+    if (not _streamable(img, path) or not np.issubdtype(dtype, np.integer)
+            or (float(proxy.slope), float(proxy.inter)) != (1.0, 0.0)):
+        return None
+    shape = tuple(int(v) for v in proxy.shape)
+    try:
+        out = np.zeros(shape, dtype=np.uint8)
+    except MemoryError:
+        raise InputError(path, f"not enough memory to load a volume of shape {shape}") from None
+    signed = np.issubdtype(dtype, np.signedinteger)
+    for w0, chunk in _columns(img, path):
+        if chunk.max() > 2 or (signed and chunk.min() < 0):
+            return None
+        hit = np.flatnonzero(chunk.any(axis=(0, 1)))
+        if hit.size:
+            out[hit, :, w0:w0 + chunk.shape[0]] = chunk[:, :, hit].transpose(2, 1, 0)
+    return out
 
 
 @dataclass
@@ -160,9 +267,16 @@ class KitsCase:
         return self.imaging_image is not None
 
     def load_segmentation(self) -> np.ndarray:
-        """Labels as uint8 (slices, H, W); InputError for NaN/inf or values outside {0, 1, 2}."""
+        """Labels as uint8 (slices, H, W); InputError for NaN/inf or values outside {0, 1, 2}.
+
+        Integer label maps (the usual case) are streamed into a C-ordered array (``_read_labels``); others
+        are read whole (nibabel's Fortran order).
+        """
         path = self.folder / SEGMENTATION
         img = self.segmentation_image
+        fast = _read_labels(img, path)
+        if fast is not None:
+            return fast
         a = _read(img, path)
         slope, inter = img.dataobj.slope, img.dataobj.inter
         if (slope, inter) != (1.0, 0.0):
@@ -212,12 +326,14 @@ def take_slices(volume: np.ndarray, indices: Sequence[int] | np.ndarray) -> np.n
 
 def _hu(img: nib.Nifti1Image, path: Path, slices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
     """The voxels of ``img`` in HU (scl_slope / scl_inter applied) as float32, optionally some slices only."""
-    raw = _read(img, path)
     slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
     if not (np.isfinite(slope) and np.isfinite(inter)):
         raise InputError(path, f"scl_slope/scl_inter ({slope}, {inter}) must be finite")
-    _check_finite(raw, path)
-    sub = raw if slices is None else take_slices(raw, slices)
+    if slices is None:
+        sub = _read(img, path)
+        _check_finite(sub, path)
+    else:
+        sub = _read_slices(img, path, slices)
     out = sub.astype(np.float32)
     if (slope, inter) != (1.0, 0.0):
         out = out * np.float32(slope) + np.float32(inter)
@@ -314,19 +430,24 @@ def normalise_hu(
     window: tuple[float, float] = (-79.0, 304.0),
     mode: Literal["minmax", "zscore"] = "minmax",
     stats: tuple[float, float] = (101.0, 76.9),
+    *,
+    inplace: bool = False,
 ) -> np.ndarray:
     """Clip HU to ``window`` then scale: ``minmax`` → [0, 1]; ``zscore`` → (x − mean) / std with ``stats``.
 
     The default window is nnU-Net's KiTS19 foreground 0.5/99.5 percentiles; ``stats`` its foreground mean
-    and standard deviation (approximate).
+    and standard deviation (approximate). ``inplace`` reuses ``hu`` when it is a float32 array (the
+    same values; a caller done with the HU saves a copy of the volume).
     """
     lo, hi = window
     check_arg(lo < hi, "window", window, "(low, high) with low < high")
     check_arg(mode in ("minmax", "zscore"), "mode", mode, "'minmax' or 'zscore'")
     if mode == "zscore":
         check_arg(stats[1] > 0, "stats", stats, "(mean, std) with std > 0")
-    # one float32 copy, then in place: the same float32 operations as clip → subtract → divide
-    x = np.array(hu, dtype=np.float32, copy=True)
+    # one float32 copy (none when inplace), then in place: the same float32 operations as clip → subtract →
+    # divide
+    reuse = inplace and isinstance(hu, np.ndarray) and hu.dtype == np.float32 and hu.flags.writeable
+    x = hu if reuse else np.array(hu, dtype=np.float32, copy=True)
     np.clip(x, np.float32(lo), np.float32(hi), out=x)
     shift, scale = (lo, hi - lo) if mode == "minmax" else stats
     x -= np.float32(shift)
