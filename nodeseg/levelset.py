@@ -7,18 +7,21 @@ the last foreground pixel, so a pixel is foreground iff φ < 0.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 from scipy.ndimage import distance_transform_edt
 from scipy.special import expit
 from skimage.measure import find_contours
 
 from nodeseg.errors import check_arg
 
-ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+if TYPE_CHECKING:
+    import torch
+
+ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 
 __all__ = [
     "narrow_band",
@@ -132,10 +135,17 @@ def signed_distance_batch(
     return out.reshape(a.shape)
 
 
+def _torch_of(x: object) -> Any:
+    """The torch module when ``x`` is a torch tensor, else None (torch is not imported to find out: the
+    numpy functions here run in ingest workers that never load it)."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and isinstance(x, torch.Tensor) else None
+
+
 def narrow_band(phi: ArrayT, width: float = 1.0) -> ArrayT:
     """tanh(φ / width): the level set squashed to (−1, 1), saturated away from the boundary."""
     width = _check_positive(width, "width")
-    if isinstance(phi, torch.Tensor):
+    if (torch := _torch_of(phi)) is not None:
         return torch.tanh(phi / width)
     check_arg(isinstance(phi, np.ndarray), "phi", type(phi).__name__, "a numpy array or a torch tensor")
     return np.tanh(phi / width)
@@ -147,7 +157,7 @@ def saliency_from_phi(phi: ArrayT, width: float = 1.0) -> ArrayT:
     Computed as sigmoid(−2φ / width), the same function without the cancellation of 1 − tanh.
     """
     width = _check_positive(width, "width")
-    if isinstance(phi, torch.Tensor):
+    if (torch := _torch_of(phi)) is not None:
         return torch.sigmoid(phi * (-2.0 / width))
     check_arg(isinstance(phi, np.ndarray), "phi", type(phi).__name__, "a numpy array or a torch tensor")
     return expit(phi * (-2.0 / width))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -291,3 +293,18 @@ def test_pool_workers_limit_blas_and_openmp_to_one_thread(monkeypatch: pytest.Mo
         pools = ex.submit(threadpool_info).result()
     assert pools, "no BLAS/OpenMP pool found in the worker"
     assert {p["internal_api"]: p["num_threads"] for p in pools} == {p["internal_api"]: 1 for p in pools}
+
+
+def test_an_ingest_worker_never_loads_torch(phantom_root: Path) -> None:
+    """Ingest workers import the ingest module and run one case: neither needs torch (a second of every
+    worker's start), so neither may load it — the writer lives in shardio and levelset's numpy functions
+    never import it."""
+    case = sorted(phantom_root.iterdir())[0]
+    code = ("import sys\n"
+            "from nodeseg.data.ingest import IngestConfig, _init_worker, _kits_case\n"
+            "_init_worker()\n"
+            f"r = _kits_case({str(case)!r}, IngestConfig(size=32), 0)\n"
+            "assert r.records, 'no rows'\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout[:300]

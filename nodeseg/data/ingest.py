@@ -42,7 +42,7 @@ from nodeseg.data.kits19 import (
     take_slices,
 )
 from nodeseg.data.saliency import SaliencyPair, find_pairs, load_image, load_mask
-from nodeseg.data.shards import MANIFEST_NAME, SCHEMA_VERSION, ShardWriter, SliceRecord
+from nodeseg.data.shardio import MANIFEST_NAME, SCHEMA_VERSION, ShardWriter, SliceRecord
 from nodeseg.data.synthetic import PhantomConfig, synthesize_imaging
 from nodeseg.data.transforms import fit_canvas, resize_image, resize_mask
 from nodeseg.errors import InputError, check_arg
@@ -276,15 +276,11 @@ def _init_worker() -> None:
     numpy is imported (and OpenBLAS has started its threads) before this runs, so the environment is too
     late for it; threadpoolctl limits the loaded BLAS/OpenMP pools. Without it the small matrix products
     of the pseudo-CT renderer ran two BLAS threads per worker and made the pool slower than one process.
+    Workers do not import torch (``python -X importtime``: a second of each worker's start); were it
+    loaded later, it would read the ``OMP_NUM_THREADS`` set here.
     """
     os.environ["OMP_NUM_THREADS"] = "1"
     _LIMITS.append(threadpool_limits(limits=1))
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
 
 
 def _results(fn: Callable[..., _ItemResult], tasks: Sequence[tuple], workers: int) -> Iterator[_ItemResult]:
