@@ -3,12 +3,11 @@
     python -m benchmarks.ingest [--quick] [--cases N] [--size S] [--root DIR] [--reps N]
                                 [--imaging render,files] [--imaging-cache DIR]
 
-``build_shards('kits19', ...)`` with ``pseudo_ct: true`` (the CT imaging is synthesised from the labels),
-``size`` S (default 200, the paper's), every core (``workers: 0``) — against a pool of the same number of
-'spawn' worker processes doing only ``np.asarray(nib.load(f).dataobj)`` on the same segmentation files.
-Both include starting their pool. Repetitions alternate decode, ingest, decode, …; the figure is the
-median ingest time over the median decode time. Goal: ≤ 1.5. Ingest reads the files through ISA-L
-(python-isal), faster than nibabel's stdlib gzip, so a second baseline decodes with that same reader
+``build_shards('kits19', ...)`` at ``size`` S (default 200, the paper's) with every core (``workers: 0``),
+against a pool of the same number of 'spawn' worker processes doing only ``np.asarray(nib.load(f).dataobj)``
+on the same files. Both include starting their pool. Repetitions alternate decode, ingest, decode, …; the
+figure is the median ingest time over the median decode time. Goal: ≤ 1.5. Ingest reads the files through
+ISA-L (python-isal), faster than nibabel's stdlib gzip, so a second baseline decodes with that same reader
 (``ratio_isal``): the ingest's own work over the fastest decode it could do.
 
 Two rows, one per way the pseudo-CT reaches the ingest (``--imaging``):
@@ -16,8 +15,8 @@ Two rows, one per way the pseudo-CT reaches the ingest (``--imaging``):
 - ``render``: only the labels are on disk; ``pseudo_ct: true`` renders the image inside the ingest, and the
   baseline decodes the segmentation files.
 - ``files``: the path real CT takes. ``write_pseudo_ct_cases`` first writes a full-size int16
-  ``imaging.nii.gz`` beside each segmentation (once, into ``--imaging-cache``, in parallel; ~10 min for the
-  210 cases on 2 cores, ~12 GB; a later run reuses the finished case folders), then ``build_shards`` reads
+  ``imaging.nii.gz`` beside each segmentation (once, into ``--imaging-cache``, in parallel; 9 min for the
+  210 cases on 2 cores, 8.7 GB; a later run reuses the finished case folders), then ``build_shards`` reads
   both files like real KiTS19, and the baseline decodes both files of every case.
 
 A breakdown of where the ingest's time goes (single process, cProfile cumulative seconds of the

@@ -339,6 +339,12 @@ def test_foreground_union() -> None:
     seg = _labels()
     assert np.array_equal(foreground(seg[2]), (seg[2] > 0).astype(np.uint8))
     assert foreground(seg[2], (1,)).sum() == (seg[2] == 1).sum()
+    # uint8 labels go through a lookup table: the same as isin for every byte value and label choice
+    every = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    for labels in ((1,), (2,), (1, 2), (2, 1)):
+        got = foreground(every, labels)
+        assert got.dtype == np.uint8 and np.array_equal(got, np.isin(every, labels).astype(np.uint8))
+        assert np.array_equal(foreground(every.astype(np.int16), labels), got)
 
 
 def test_normalise_hu() -> None:

@@ -423,7 +423,12 @@ def kept_slices(segmentation: np.ndarray, keep_labels: Sequence[int] = (1,)) -> 
 def foreground(labels: np.ndarray, foreground_labels: Sequence[int] = (1, 2)) -> np.ndarray:
     """The binary target (uint8) of a label array: 1 where the label is one of ``foreground_labels``."""
     fg = _check_labels(foreground_labels, "foreground_labels")
-    return np.isin(labels, fg).astype(np.uint8)
+    a = np.asarray(labels)
+    if a.dtype == np.uint8:  # a lookup table: one pass where isin makes four
+        lut = np.zeros(256, dtype=np.uint8)
+        lut[list(fg)] = 1
+        return lut[a]
+    return np.isin(a, fg).astype(np.uint8)
 
 
 def normalise_hu(
