@@ -99,7 +99,8 @@ def test_kept_slices_streamed_equal_the_whole_read(tmp_path: Path, monkeypatch: 
                                                     dtype: str, chunk_bytes: int) -> None:
     """load_imaging(slices) inflates a few W-columns at a time and gathers the slices from each chunk:
     the result must equal nibabel's whole volume indexed by the slices, whatever the chunk size (one
-    column, a few with a short last chunk, the whole volume), dtype, byte order or slice order."""
+    column, a few with a short last chunk, the whole volume), dtype, byte order or slice order; and
+    load_imaging() (what predict reads) the whole volume, C-ordered."""
     monkeypatch.setattr(kits19, "_CHUNK_BYTES", chunk_bytes)
     rng = np.random.default_rng(2)
     data = rng.integers(0, 250, size=(9, 13, 11)).astype(dtype)
@@ -110,6 +111,9 @@ def test_kept_slices_streamed_equal_the_whole_read(tmp_path: Path, monkeypatch: 
         got = case.load_imaging(slices)
         assert got.dtype == np.float32 and got.flags.c_contiguous
         np.testing.assert_array_equal(got, whole[np.asarray(slices)])
+    got = case.load_imaging()  # the whole volume streams too, into C order
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, whole)
 
 
 def test_streamed_slices_refuse_nan_anywhere_and_truncation(tmp_path: Path,
@@ -329,6 +333,9 @@ def test_take_slices_equals_numpy_indexing(order: str) -> None:
             got = take_slices(v, idx)
             np.testing.assert_array_equal(got, v[np.asarray(idx, dtype=np.intp)])
             assert got.flags.c_contiguous and not np.shares_memory(got, v)
+            cast = take_slices(v, idx, np.float32)  # the cast in the same copy: astype's values
+            assert cast.dtype == np.float32 and cast.flags.c_contiguous
+            np.testing.assert_array_equal(cast, v[np.asarray(idx, dtype=np.intp)].astype(np.float32))
     with pytest.raises(IndexError):
         take_slices(np.zeros((3, 4, 4), order="F"), [3])
     with pytest.raises(ValueError, match="volume"):

@@ -185,8 +185,9 @@ def _columns(img: nib.Nifti1Image, path: Path) -> Iterator[tuple[int, np.ndarray
         raise InputError(path, f"truncated or corrupt voxel data ({_oneline(err)}); re-download the file") from None
 
 
-def _read_slices(img: nib.Nifti1Image, path: Path, slices: Sequence[int] | np.ndarray) -> np.ndarray:
-    """``volume[slices]`` (C order, stored dtype, unscaled) without holding the whole volume.
+def _read_slices(img: nib.Nifti1Image, path: Path, slices: Sequence[int] | np.ndarray,
+                 dtype: np.dtype | type | None = None) -> np.ndarray:
+    """``volume[slices]`` (C order, unscaled, cast to ``dtype`` if given) without holding the whole volume.
 
     A streamable volume (``_columns``) has the wanted slices gathered from each chunk while it is in cache,
     then put in C order by ``take_slices``' tiled copy: memory is twice the kept slices, not the volume.
@@ -199,13 +200,14 @@ def _read_slices(img: nib.Nifti1Image, path: Path, slices: Sequence[int] | np.nd
     if not _streamable(img, path) or idx.size == 0:
         raw = _read(img, path)
         _check_finite(raw, path)
-        return take_slices(raw, idx)
-    dtype = np.dtype(proxy.dtype)
+        return take_slices(raw, idx, dtype)
+    stored = np.dtype(proxy.dtype)
+    every = idx.size == shape[0] and bool((idx == np.arange(shape[0])).all())
     try:  # (W, H, n) in C order is (n, H, W) in Fortran order, as the volume itself
-        gathered = np.empty((shape[2], shape[1], idx.size), dtype=dtype)
+        gathered = np.empty((shape[2], shape[1], idx.size), dtype=stored)
     except MemoryError:
         raise InputError(path, f"not enough memory for {idx.size} slices of a volume of shape {shape}") from None
-    floating = np.issubdtype(dtype, np.floating)
+    floating = np.issubdtype(stored, np.floating)
     n_bad, first = 0, None
     for w0, chunk in _columns(img, path):
         if floating:
@@ -216,11 +218,15 @@ def _read_slices(img: nib.Nifti1Image, path: Path, slices: Sequence[int] | np.nd
                 j = np.lexsort((w, h, s))[0]
                 here = (int(s[j]), int(h[j]), w0 + int(w[j]))
                 first = here if first is None else min(first, here)
-        np.take(chunk, idx, axis=2, out=gathered[w0:w0 + chunk.shape[0]])
+        if every:
+            gathered[w0:w0 + chunk.shape[0]] = chunk
+        else:
+            np.take(chunk, idx, axis=2, out=gathered[w0:w0 + chunk.shape[0]])
     if n_bad:
         _refuse_non_finite(path, n_bad, first)  # type: ignore[arg-type]
-    # to C order in cache-sized tiles (a transposing copy element by element would cost a third of the read)
-    return take_slices(gathered.transpose(2, 1, 0), np.arange(idx.size))
+    # to C order (and dtype) in cache-sized tiles (a transposing copy element by element would cost a third of
+    # the read)
+    return take_slices(gathered.transpose(2, 1, 0), np.arange(idx.size), dtype)
 
 
 def _read_labels(img: nib.Nifti1Image, path: Path) -> np.ndarray | None:
@@ -302,8 +308,9 @@ class KitsCase:
         return _hu(self.imaging_image, self.folder / IMAGING, slices)
 
 
-def take_slices(volume: np.ndarray, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-    """``volume[indices]`` (slices along axis 0) as a new C-ordered array.
+def take_slices(volume: np.ndarray, indices: Sequence[int] | np.ndarray,
+                dtype: np.dtype | type | None = None) -> np.ndarray:
+    """``volume[indices]`` (slices along axis 0) as a new C-ordered array, cast to ``dtype`` if given.
 
     nibabel gives NIfTI volumes in Fortran order (the slice index varies fastest in memory), where
     numpy's gather, or any copy to C order, reads a cache line per voxel. Copying the span of the
@@ -313,10 +320,10 @@ def take_slices(volume: np.ndarray, indices: Sequence[int] | np.ndarray) -> np.n
     check_arg(v.ndim == 3, "volume", f"array of shape {v.shape}", "a (slices, H, W) array")
     idx = np.arange(v.shape[0])[np.asarray(indices, dtype=np.intp)]  # numpy's bounds check and negatives
     if v.flags.c_contiguous or idx.size == 0:
-        return np.ascontiguousarray(v[idx])
+        return np.ascontiguousarray(v[idx], dtype=dtype)
     lo, hi = int(idx.min()), int(idx.max()) + 1
     span = v[lo:hi]
-    out = np.empty(span.shape, dtype=v.dtype)
+    out = np.empty(span.shape, dtype=v.dtype if dtype is None else dtype)
     for r in range(0, span.shape[1], _TILE):
         for c in range(0, span.shape[2], _TILE):
             out[:, r:r + _TILE, c:c + _TILE] = span[:, r:r + _TILE, c:c + _TILE]
@@ -330,12 +337,12 @@ def _hu(img: nib.Nifti1Image, path: Path, slices: Sequence[int] | np.ndarray | N
     slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
     if not (np.isfinite(slope) and np.isfinite(inter)):
         raise InputError(path, f"scl_slope/scl_inter ({slope}, {inter}) must be finite")
-    if slices is None:
+    if slices is None and not _streamable(img, path):
         sub = _read(img, path)
         _check_finite(sub, path)
-    else:
-        sub = _read_slices(img, path, slices)
-    out = sub.astype(np.float32)
+    else:  # streamed, and C-ordered: each slice contiguous for the per-slice work that follows
+        sub = _read_slices(img, path, np.arange(int(img.shape[0])) if slices is None else slices, np.float32)
+    out = sub.astype(np.float32, copy=False)
     if (slope, inter) != (1.0, 0.0):
         out = out * np.float32(slope) + np.float32(inter)
     return out
