@@ -213,10 +213,9 @@ def _read_slices(img: nib.Nifti1Image, path: Path, slices: Sequence[int] | np.nd
         if floating:
             bad = ~np.isfinite(chunk)
             if bad.any():
-                w, h, s = np.nonzero(bad)
-                n_bad += int(w.size)
-                j = np.lexsort((w, h, s))[0]
-                here = (int(s[j]), int(h[j]), w0 + int(w[j]))
+                n_bad += int(bad.sum())
+                s, h, w = _first_index(bad.transpose(2, 1, 0))
+                here = (s, h, w0 + w)
                 first = here if first is None else min(first, here)
         if every:
             gathered[w0:w0 + chunk.shape[0]] = chunk

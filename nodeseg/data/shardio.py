@@ -7,8 +7,7 @@ One row per 2-D slice (or saliency image); see docs/architecture.md. Besides the
 row carries ``channels`` (1 for CT, 3 for RGB saliency images; ``image`` holds ``(C, H, W)`` float32) and
 ``valid`` (uint8 ``(H, W)``, 0 on padding; all ones for CT slices).
 
-Files hold row groups of about ``row_group_bytes`` so that a random read decodes only a few rows; the
-dataset memory-maps the files, reads only the footers up front and decodes one row group at a time.
+Files hold row groups of about ``row_group_bytes`` so that a random read decodes only a few rows.
 """
 
 from __future__ import annotations
