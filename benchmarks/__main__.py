@@ -3,7 +3,8 @@
 Each script runs in its own process (thread settings and peak memory stay apart), prints its table and
 writes ``<out>/<name>.json``; this runner then writes ``<out>/summary.json`` with each figure's headline
 against its goal. ``--quick`` runs tiny sizes (a smoke run, about a minute); without it the run takes
-long (the ingest of the 210 KiTS19 cases alone takes minutes: ``--cases N`` shortens it). The pipeline
+long (the ingest of the 210 KiTS19 cases alone takes minutes, and the first run also writes their
+pseudo-CT files once: 9 min, 8.7 GB under ``benchmarks/results/cache``; ``--cases N`` shortens both). The pipeline
 timing (``pipeline_default``: a whole ``dvc repro``) runs only in the full mode.
 """
 
