@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from nodeseg.malloc import tune_malloc
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 # the shared real data (as tests/conftest.py finds it): $NODESEG_TEST_DATA, else ../shared/data
@@ -57,6 +59,7 @@ def machine(device: torch.device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+        "malloc": "reuse" if tune_malloc() else "system",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -149,7 +152,9 @@ def parser(description: str | None) -> argparse.ArgumentParser:
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """Apply ``--threads`` and pick the device."""
+    """Tune malloc as every ``nodeseg`` command does (``NODESEG_MALLOC=system`` for glibc's defaults), apply
+    ``--threads`` and pick the device."""
+    tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     return pick_device(args.device)

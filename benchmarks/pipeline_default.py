@@ -73,7 +73,8 @@ def main() -> int:
         "n_val": metrics.get("n_val"),
         "champion": registry,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "omp_num_threads": env.get("OMP_NUM_THREADS", "unset")},
+                    "omp_num_threads": env.get("OMP_NUM_THREADS", "unset"),
+                    "malloc": env.get("NODESEG_MALLOC") or "reuse"},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "pipeline_default.json").write_text(json.dumps(result, indent=2))

@@ -18,6 +18,7 @@ from typing import Any
 
 from nodeseg import __version__
 from nodeseg.errors import NodesegError
+from nodeseg.malloc import tune_malloc
 from nodeseg.tuning import DEFAULT_STUDY
 
 log = logging.getLogger("nodeseg")
@@ -228,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     try:
+        tune_malloc()
         with contextlib.ExitStack() as stack:
             _stage_paths(args, stack)
             _RUNNERS[args.stage](args)
