@@ -7,6 +7,10 @@ counted by ``torch.utils.flop_counter.FlopCounterMode``; norms and activations c
 its median time, then by the float32 matmul peak (an n×n product, 2n³ FLOPs) timed in the same
 interleaved run at the same thread count. Goal: ≥ 0.5 on CPU.
 
+For the training default (channels_last) on CPU one more profiled step gives ``kernel_share``, the part of
+its time spent inside the operators whose FLOPs are counted, and ``kernels_only_ratio``, the figure if
+those operators were all the step did: the ceiling that no saving elsewhere can lift.
+
 Variants: eager NCHW (the default), ``channels_last``, ``torch.compile`` (inductor; of fθ only for the
 NODE models), one torch thread against the machine's (the peak is then also measured at one thread: the
 ``per_thread`` column), and on CUDA TF32 and bf16 autocast. Adam runs with lr 0 so that the NODE's NFE (and
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +81,23 @@ def count_flops(step: Callable[[], None]) -> int:
     return int(counter.get_total_flops())
 
 
+_KERNELS = ("convolution", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def kernel_seconds(step: Callable[[], None]) -> tuple[float, float]:
+    """(seconds inside the operators FLOPs are counted for, wall seconds) of one profiled call of ``step``
+    (CPU): convolutions forward and backward and matrix products, each operator's own time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    wall = time.perf_counter() - start
+    self_us = sum(e.self_cpu_time_total for e in prof.key_averages()
+                  if any(k in e.key for k in _KERNELS))
+    return self_us / 1e6, wall
+
+
 def _variants(kind: str, preset: str, size: int, batch: int, device: torch.device, compile_: bool
               ) -> dict[str, Callable[[], None]]:
     """name → a step callable (each with its own model copy, same weights)."""
@@ -133,6 +155,8 @@ def measure(name: str, kind: str, preset: str, size: int, batch: int, device: to
         finally:
             torch.set_num_threads(threads)
     peak = mm_flops / times["matmul peak"]["median"]
+    # the ceiling: the training default's ratio if its counted operators were all the step did
+    kernels = kernel_seconds(variants["channels_last"]) if device.type == "cpu" and "channels_last" in fns else None
     rows = []
     for v in variants:
         row: dict[str, Any] = {"config": name, "variant": v, "threads": threads, "gflop_per_step": flops / 1e9}
@@ -140,6 +164,9 @@ def measure(name: str, kind: str, preset: str, size: int, batch: int, device: to
             achieved = flops / times[v]["median"]
             row.update({"step_s": times[v]["median"], "achieved_gflops": achieved / 1e9,
                         "peak_gflops": peak / 1e9, "ratio_to_peak": achieved / peak})
+            if v == "channels_last" and kernels:
+                row.update({"kernel_share": kernels[0] / kernels[1],
+                            "kernels_only_ratio": flops / kernels[0] / peak})
         else:
             row["note"] = notes.get(v, "")
         rows.append(row)
@@ -162,6 +189,7 @@ def configs(quick: bool) -> list[tuple[str, str, str, int, int]]:
     return [
         ("UNet tiny 64²×16 (pretrain default)", "unet", "unet-tiny", 64, 16),
         ("UNet5m 200²×8 (paper)", "unet", "unet5m", 200, 8),
+        ("UNet15m 200²×8 (paper)", "unet", "unet15m", 200, 8),
         ("NodeUNet tiny 64²×16 (image-evolve default)", "image", "nodeunet-tiny", 64, 16),
         ("NodeUNet5m 64²×4", "image", "nodeunet5m", 64, 4),
     ]
@@ -184,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     print("Figure 3 — achieved FLOP/s of a training step / float32 matmul peak (same run); goal ≥ 0.5 on CPU\n")
     print(common.table(rows, ["config", "variant", "threads", "gflop_per_step", "step_s", "achieved_gflops",
-                              "peak_gflops", "ratio_to_peak", "note"]))
+                              "peak_gflops", "ratio_to_peak", "kernel_share", "kernels_only_ratio", "note"]))
     path = common.write_result(args.out, "flops", {"goal": "achieved / matmul peak >= 0.5 on CPU", "matmul_n": n,
                                                    "rows": rows}, device, args)
     print(f"\n{path}")

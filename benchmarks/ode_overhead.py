@@ -153,6 +153,7 @@ def configs(quick: bool) -> list[tuple[str, str, str, int, int, dict[str, Any]]]
         ("image-evolve (nodeunet-tiny) dopri5 adjoint", "image", "nodeunet-tiny", 64, 16, dopri),
         ("image-evolve default (nodeunet-tiny) euler adjoint", "image", "nodeunet-tiny", 64, 16, euler),
         ("image-evolve (nodeunet5m, the paper's fθ) dopri5 adjoint", "image", "nodeunet5m", 64, 4, dopri),
+        ("refine (contour nodeunet5m, the paper's fθ) dopri5 adjoint", "contour", "nodeunet5m", 64, 4, dopri),
     ]
 
 
