@@ -16,6 +16,7 @@ changes. Every ``nodeseg`` command calls it first; its settings are inherited by
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -29,22 +30,18 @@ MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: mallo
 TRIM_THRESHOLD = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's <malloc.h>
 
-_state: dict[str, bool] = {}
-
-
 def tune_malloc() -> bool:
-    """Apply the thresholds above unless ``$NODESEG_MALLOC`` is 'system'; True when glibc now uses them.
+    """Apply the thresholds above unless ``$NODESEG_MALLOC`` is 'system'; True when glibc uses them.
 
-    Idempotent (the first call decides). An unknown ``$NODESEG_MALLOC`` raises :class:`ConfigError`.
+    Idempotent (glibc is set once per process). An unknown ``$NODESEG_MALLOC`` raises :class:`ConfigError`.
     """
     choice = os.environ.get(ENV, "reuse") or "reuse"
     if choice not in CHOICES:
         raise ConfigError(f"environment variable {ENV}={choice!r} is not one of {', '.join(CHOICES)}")
-    if "applied" not in _state:
-        _state["applied"] = choice == "reuse" and _mallopt()
-    return _state["applied"]
+    return choice == "reuse" and _mallopt()
 
 
+@functools.cache
 def _mallopt() -> bool:
     if not sys.platform.startswith("linux"):
         return False
