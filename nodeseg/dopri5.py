@@ -12,7 +12,7 @@ Same method, tableau, error norm, step-size control, callbacks and assertions as
 * **Error ratio with rtol = 0** (nodeseg's default): ``norm(err / atol)`` instead of building
   ``atol + 0·max(|y0|, |y1|)``; identical values whenever the result is finite, and torchdiffeq's own
   expression otherwise (so non-finite states take the same path).
-* **Finite-state check** as ``‖y0‖∞`` finite (one reduction) instead of ``isfinite(y0).all()``.
+* **Finite-state check** as one ``aminmax`` reduction (both finite) instead of ``isfinite(y0).all()``.
 * **Quadrature beside the state** (``options["quadrature"]``, a :class:`Quadrature`): an integrand the
   dynamics report with each evaluation (``stash``) but that neither feeds back into them nor enters the
   error norm is summed with the solution weights over accepted steps only, instead of riding along in
@@ -92,8 +92,13 @@ class _PendingFit(NamedTuple):
 
 
 def all_finite(y: Tensor) -> bool:
-    """``torch.isfinite(y).all()`` in one reduction (NaN and ±inf both make the ∞-norm non-finite)."""
-    return y.numel() == 0 or bool(torch.isfinite(torch.linalg.vector_norm(y, float("inf"))))
+    """``torch.isfinite(y).all()`` in one reduction: NaN propagates into both the minimum and the maximum,
+    and ±inf is one of them. (On the CPU ``aminmax`` takes 42 µs for 590 k floats, where the ∞-norm takes
+    790 µs and ``isfinite(y).all()`` 600 µs.)"""
+    if y.numel() == 0:
+        return True
+    low, high = torch.aminmax(torch.view_as_real(y) if y.is_complex() else y)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 class _LeanPerturbFunc(_PerturbFunc):

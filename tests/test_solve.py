@@ -373,3 +373,24 @@ def test_evaluations_written_into_the_stage_rows_change_nothing(monkeypatch: pyt
     assert n_written > 0.8 * n_direct and sum(writes) == n_written  # only the no-grad solve wrote directly
     for a, b in zip(direct, copied, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+def test_all_finite_equals_isfinite_all(dtype: torch.dtype) -> None:
+    """The solver's one-reduction finite check agrees with ``isfinite(y).all()`` wherever a NaN or ±inf
+    sits (first, last, middle element; strided views; empty tensors)."""
+    from nodeseg.dopri5 import all_finite
+
+    gen = torch.Generator().manual_seed(0)
+    assert all_finite(torch.empty(0, dtype=dtype))
+    for bad in (math.nan, math.inf, -math.inf, None):
+        for where in (0, 4999, 2718):
+            y = torch.randn(50, 100, generator=gen).to(dtype)
+            if bad is not None:
+                y.view(-1)[where] = bad
+            for view in (y, y.t(), y[:, ::3]):
+                assert all_finite(view) == bool(torch.isfinite(view).all()), (bad, where, view.stride())
+    # complex: a non-finite imaginary part alone counts
+    z = torch.zeros(7, dtype=torch.complex64)
+    z[3] = complex(0.0, math.inf)
+    assert not all_finite(z)
