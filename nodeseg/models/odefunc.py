@@ -35,11 +35,17 @@ def append_time(x: Tensor | tuple[Tensor, ...], t: Tensor | float) -> Tensor:
     """Concatenate a constant channel holding ``t`` to ``x`` ``(B, C, H, W) → (B, C+1, H, W)``.
 
     ``x`` may be a tuple of ``(B, Cᵢ, H, W)`` parts (a tuple state): they and the time channel are
-    concatenated in one copy.
+    concatenated in one copy. Channels-last parts give a channels-last result.
     """
     parts = list(x) if isinstance(x, tuple) else [x]
     ref = parts[0]
     t = torch.as_tensor(t, dtype=ref.dtype, device=ref.device).reshape(1, 1, 1, 1)
+    if all(p.is_contiguous(memory_format=torch.channels_last) for p in parts) and not all(
+            p.is_contiguous() for p in parts):
+        # torch.cat would return NCHW (the expanded time channel has no layout), which the channels-last
+        # convolution after it converts back: concatenate the (B, H, W, C) memory instead (same values)
+        rows = [p.permute(0, 2, 3, 1) for p in parts] + [t.expand(ref.shape[0], ref.shape[2], ref.shape[3], 1)]
+        return torch.cat(rows, dim=3).permute(0, 3, 1, 2)
     return torch.cat([*parts, t.expand(ref.shape[0], 1, ref.shape[2], ref.shape[3])], dim=1)
 
 
