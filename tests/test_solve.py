@@ -394,3 +394,62 @@ def test_all_finite_equals_isfinite_all(dtype: torch.dtype) -> None:
     z = torch.zeros(7, dtype=torch.complex64)
     z[3] = complex(0.0, math.inf)
     assert not all_finite(z)
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+@pytest.mark.parametrize("tuple_state", [True, False])
+def test_a_channels_last_state_is_solved_in_its_own_layout(adjoint: bool, tuple_state: bool,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A channels-last state (training's layout) reaches fθ as channels-last tensors at every evaluation, and
+    the solve gives what the same solve over NCHW-ordered storage gives: same NFE, outputs and gradients (to
+    float64 rounding: the error norms sum in another order), channels-last outputs."""
+    from nodeseg import solve
+
+    func, y0 = _conv_tuple_problem(seed=3, weight_std=0.3, size=7)
+    if not tuple_state:
+        func, y0 = func.func, torch.cat(y0, dim=1)
+    func = func.to(memory_format=torch.channels_last)
+    layouts: list[bool] = []
+    inner = func.func if tuple_state else func
+    inner.register_forward_pre_hook(lambda _m, args: layouts.append(  # h: φ's one channel fits either layout
+        (args[1][-1] if isinstance(args[1], tuple) else args[1]).is_contiguous(memory_format=torch.channels_last)))
+
+    channels_last = solve._channels_last
+
+    def run(rows: bool) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor], tuple[int, int], list[bool]]:
+        monkeypatch.setattr(solve, "_channels_last", channels_last if rows else lambda _y: False)
+        layouts.clear()
+        parts = y0 if tuple_state else (y0,)
+        inputs = tuple(p.contiguous(memory_format=torch.channels_last).requires_grad_(True) for p in parts)
+        solver = ODESolver(func, SolverConfig(atol=1e-8, adjoint=adjoint, max_num_steps=5000, max_nfe=100_000))
+        out = solver(inputs if tuple_state else inputs[0])
+        outs = out if tuple_state else (out,)
+        sum(o[-1].sin().sum() for o in outs).backward()
+        grads = [p.grad.clone() for p in func.parameters()] + [y.grad for y in inputs]
+        func.zero_grad()
+        return outs, grads, (solver.nfe_forward, solver.nfe_backward), list(layouts)
+
+    ref_out, ref_grads, ref_nfe, ref_layouts = run(rows=False)
+    out, grads, nfe, seen = run(rows=True)
+    assert not all(ref_layouts), "the NCHW-ordered solve should hand fθ NCHW tensors: the check proves nothing"
+    assert all(seen) and len(seen) == sum(nfe)
+    assert nfe == ref_nfe
+    for a, b in zip(out, ref_out, strict=True):
+        assert a[-1].is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12 * b.abs().max().item())
+
+
+def test_append_time_keeps_a_channels_last_layout() -> None:
+    from nodeseg.models.odefunc import append_time
+
+    cl = torch.channels_last
+    parts = (torch.randn(2, 1, 5, 6).contiguous(memory_format=cl), torch.randn(2, 3, 5, 6).contiguous(memory_format=cl))
+    got = append_time(tuple(p.requires_grad_(True) for p in parts), torch.tensor(0.25))
+    assert got.is_contiguous(memory_format=cl)
+    assert torch.equal(got, append_time(tuple(p.detach().contiguous() for p in parts), 0.25))
+    (got * torch.arange(5.0).view(1, 5, 1, 1)).sum().backward()
+    assert torch.equal(parts[0].grad, torch.zeros(2, 1, 5, 6))
+    assert torch.equal(parts[1].grad, torch.arange(1.0, 4.0).view(1, 3, 1, 1).expand(2, 3, 5, 6))
+    assert append_time(torch.randn(2, 3, 5, 6), 0.5).is_contiguous()  # NCHW stays NCHW
