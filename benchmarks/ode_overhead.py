@@ -13,6 +13,7 @@ the work it cannot avoid:
   fθ's parameters (``torch.autograd.grad``) — what each evaluation of the adjoint's backward solve costs,
   and what each evaluation costs in direct backprop (forward with a graph, then one backward through it).
 
+Model, image and state are channels-last, as training runs them (``--layout nchw`` for NCHW).
 Denominator (the ideal ODE work): adjoint ``NFE_fwd·f + NFE_bwd·(f+vjp)``; direct ``NFE_fwd·(f+vjp)``.
 Figure: ``overhead = (step − rest) / ideal``; the goal is ≤ 1.05. ``step / (rest + ideal)`` is reported
 too. What is left over is the solver's own arithmetic (Runge–Kutta stage sums, error norms, step control,
@@ -45,12 +46,14 @@ class _SkipSolve(nn.Module):
         return y0.unsqueeze(0)
 
 
-def build(kind: str, preset: str, solver: dict[str, Any], device: torch.device) -> nn.Module:
+def build(kind: str, preset: str, solver: dict[str, Any], device: torch.device, channels_last: bool = False
+          ) -> nn.Module:
     """A NODE model with a non-trivial flow (perturbed zero-init layers), on ``device``."""
     torch.manual_seed(0)
     model = build_model(kind, preset, solver=solver)
     common.perturb_zero_init(model, std=0.3)
-    return model.to(device).train()
+    model = model.to(device).train()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def initial_state(model: nn.Module, image: Tensor) -> Tensor:
@@ -69,10 +72,14 @@ def bare_func(model: nn.Module) -> nn.Module:
 
 
 def measure(name: str, kind: str, preset: str, size: int, batch: int, solver: dict[str, Any],
-            device: torch.device, reps: int, evals_per_call: int = 5, clock: str = "wall") -> dict[str, Any]:
-    """Time step, rest, f and f+vjp for one configuration; return the figure and its parts."""
-    model = build(kind, preset, solver, device)
+            device: torch.device, reps: int, evals_per_call: int = 5, clock: str = "wall",
+            channels_last: bool = True) -> dict[str, Any]:
+    """Time step, rest, f and f+vjp for one configuration; return the figure and its parts. Model, image
+    and state are channels-last unless ``channels_last`` is False (training's default layout)."""
+    model = build(kind, preset, solver, device, channels_last)
     image, phi = (x.to(device) for x in common.blobs(batch, size, seed=1))
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
     valid = torch.ones_like(phi)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=0.0)
@@ -99,6 +106,8 @@ def measure(name: str, kind: str, preset: str, size: int, batch: int, solver: di
 
     f = bare_func(model)
     y = initial_state(model, image)
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
     t = torch.tensor(0.5, device=device)
     v = torch.randn_like(y)
     f_params = tuple(p for p in f.parameters() if p.requires_grad)
@@ -130,6 +139,7 @@ def measure(name: str, kind: str, preset: str, size: int, batch: int, solver: di
     m_step, m_rest, _, _, m_ideal = parts("min")  # the least disturbed repetitions (a busy machine only adds)
     return {
         "config": name, "kind": kind, "preset": preset, "size": size, "batch": batch,
+        "layout": "channels_last" if channels_last else "nchw",
         "method": solver.get("method", "dopri5"), "backprop": "adjoint" if adjoint else "direct",
         "nfe_forward": nfe_f, "nfe_backward": nfe_b,
         "step_s": t_step, "rest_s": t_rest, "f_s": t_f, "f_vjp_s": t_fb, "ideal_ode_s": ideal,
@@ -165,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adjoint", choices=("nodeseg", "torchdiffeq"), default="nodeseg",
                    help="which adjoint back-propagates: nodeseg.adjoint (shipped) or torchdiffeq's odeint_adjoint "
                         "(the 'before' figure); the latter writes ode_overhead_torchdiffeq_adjoint.json")
+    p.add_argument("--layout", choices=("channels_last", "nchw"), default="channels_last",
+                   help="memory layout of model, image and state: training's default (channels_last) or NCHW "
+                        "(the figures before channels-last training; writes ode_overhead_nchw.json)")
     args = p.parse_args(argv)
     device = common.setup(args)
     from nodeseg import solve
@@ -175,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (1 if args.quick else 7)
     rows = []
     for name, kind, preset, size, batch, solver in configs(args.quick):
-        row = measure(name, kind, preset, size, batch, solver, device, reps, clock=args.clock)
+        row = measure(name, kind, preset, size, batch, solver, device, reps, clock=args.clock,
+                      channels_last=args.layout == "channels_last")
         row["load_average"] = common.load_average()
         rows.append(row)
         print(f"{name}: overhead {row['overhead']:.3f}", file=sys.stderr, flush=True)
@@ -188,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         name += "_torchdiffeq"
     if args.adjoint == "torchdiffeq":
         name += "_torchdiffeq_adjoint"
+    if args.layout == "nchw":
+        name += "_nchw"
     result = {"goal": "overhead <= 1.05", "dopri5": args.dopri5, "adjoint": args.adjoint, "rows": rows}
     path = common.write_result(args.out, name, result, device, args)
     print(f"\n{path}")
