@@ -222,9 +222,10 @@ class _CountingFunc(nn.Module):
         self._check_finite(t0, tuple(y0[1:3]) if isinstance(y0, tuple) else (y0,))  # type: ignore[arg-type]
 
 
-def _channels_last(y0: State) -> bool:
-    """Every part a 4-D tensor in channels-last memory, and not all of them NCHW-contiguous too."""
-    parts = y0 if isinstance(y0, tuple) else (y0,)
+def is_channels_last(y: State) -> bool:
+    """Every part a 4-D tensor in channels-last memory, and not all of them NCHW-contiguous too (a tensor
+    with one channel or one pixel is both)."""
+    parts = y if isinstance(y, tuple) else (y,)
     return all(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) for p in parts) and not all(
         p.is_contiguous() for p in parts)
 
@@ -332,7 +333,7 @@ class ODESolver(nn.Module):
         if c.method in _LAND_ON_OUTPUT_TIMES:  # their dense output is poor: step onto the output times
             options["step_t"] = t[1:]
         self.counter.begin_forward(len(t) - 1)
-        rows = _channels_last(y0)
+        rows = is_channels_last(y0)
         func, y = (_RowsFunc(self.counter), _rows(y0)) if rows else (self.counter, y0)
         try:
             if c.adjoint and torch.is_grad_enabled():

@@ -414,10 +414,10 @@ def test_a_channels_last_state_is_solved_in_its_own_layout(adjoint: bool, tuple_
     inner.register_forward_pre_hook(lambda _m, args: layouts.append(  # h: φ's one channel fits either layout
         (args[1][-1] if isinstance(args[1], tuple) else args[1]).is_contiguous(memory_format=torch.channels_last)))
 
-    channels_last = solve._channels_last
+    channels_last = solve.is_channels_last
 
     def run(rows: bool) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor], tuple[int, int], list[bool]]:
-        monkeypatch.setattr(solve, "_channels_last", channels_last if rows else lambda _y: False)
+        monkeypatch.setattr(solve, "is_channels_last", channels_last if rows else lambda _y: False)
         layouts.clear()
         parts = y0 if tuple_state else (y0,)
         inputs = tuple(p.contiguous(memory_format=torch.channels_last).requires_grad_(True) for p in parts)

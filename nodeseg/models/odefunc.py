@@ -26,6 +26,7 @@ from nodeseg.models.blocks import (
     zero_conv,
 )
 from nodeseg.models.unet import UNet
+from nodeseg.solve import is_channels_last
 
 FuncKind = Literal["conv", "unet"]
 FUNC_KINDS: tuple[str, ...] = ("conv", "unet")
@@ -40,8 +41,7 @@ def append_time(x: Tensor | tuple[Tensor, ...], t: Tensor | float) -> Tensor:
     parts = list(x) if isinstance(x, tuple) else [x]
     ref = parts[0]
     t = torch.as_tensor(t, dtype=ref.dtype, device=ref.device).reshape(1, 1, 1, 1)
-    if all(p.is_contiguous(memory_format=torch.channels_last) for p in parts) and not all(
-            p.is_contiguous() for p in parts):
+    if is_channels_last(tuple(parts)):
         # torch.cat would return NCHW (the expanded time channel has no layout), which the channels-last
         # convolution after it converts back: concatenate the (B, H, W, C) memory instead (same values)
         rows = [p.permute(0, 2, 3, 1) for p in parts] + [t.expand(ref.shape[0], ref.shape[2], ref.shape[3], 1)]
