@@ -336,12 +336,8 @@ def _hu(img: nib.Nifti1Image, path: Path, slices: Sequence[int] | np.ndarray | N
     slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
     if not (np.isfinite(slope) and np.isfinite(inter)):
         raise InputError(path, f"scl_slope/scl_inter ({slope}, {inter}) must be finite")
-    if slices is None and not _streamable(img, path):
-        sub = _read(img, path)
-        _check_finite(sub, path)
-    else:  # streamed, and C-ordered: each slice contiguous for the per-slice work that follows
-        sub = _read_slices(img, path, np.arange(int(img.shape[0])) if slices is None else slices, np.float32)
-    out = sub.astype(np.float32, copy=False)
+    # C-ordered float32 (streamed where the file allows): each slice contiguous for the per-slice work after
+    out = _read_slices(img, path, np.arange(int(img.shape[0])) if slices is None else slices, np.float32)
     if (slope, inter) != (1.0, 0.0):
         out = out * np.float32(slope) + np.float32(inter)
     return out
