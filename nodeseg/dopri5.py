@@ -22,6 +22,13 @@ Same method, tableau, error norm, step-size control, callbacks and assertions as
   below, the adjoint's dynamics) writes f into its row of ``k``, where torchdiffeq copies every f into
   ``k`` — and, for a tuple state, first flattens each part (``reshape`` of a strided view: a copy) and
   concatenates them (another). One copy per evaluation instead of three.
+* **Direct backprop without full-size stage gradients.** With a graph recorded, torchdiffeq's stage sums
+  read ``k`` assembled row by row through ``_UncheckedAssign``, so autograd hands every sum's backward a
+  gradient for the whole ``(7, n)`` storage (an outer product, a zero-filled tensor for the slice, an add
+  into the running total: ~14 passes over the state per stage). ``_StageSum`` gives each evaluation its
+  own ``βᵢⱼ·dt·g`` instead, skipping the tableau's zeros (contour tiny, direct backprop: 0.60 → 0.50 s
+  per training step). The gradient through dt, which torchdiffeq also follows (the step-size control
+  depends on the state), is kept.
 * **Time cast without a pass over the state**: torchdiffeq's evaluation wrapper casts t to
   ``y.abs().dtype`` (an ``abs`` of the whole state per evaluation); the same dtype is read off ``y``.
 
@@ -34,7 +41,7 @@ own 'dopri5' is untouched).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -53,7 +60,7 @@ from torchdiffeq._impl.misc import (
     _TupleFunc,
 )
 from torchdiffeq._impl.odeint import SOLVERS
-from torchdiffeq._impl.rk_common import _RungeKuttaState, _UncheckedAssign
+from torchdiffeq._impl.rk_common import _RungeKuttaState
 
 __all__ = ["METHOD", "FastDopri5Solver", "Quadrature", "all_finite"]
 
@@ -89,6 +96,45 @@ class _PendingFit(NamedTuple):
     y1: Tensor
     k: Tensor
     dt: Tensor
+    fs: tuple[Tensor, ...] | None = None  # the evaluations as autograd sees them, when a graph is recorded
+
+
+class _StageSum(torch.autograd.Function):
+    """``base + Σⱼ cⱼ·kⱼ`` over the first m rows of the stage storage (one ``addmv``), differentiable in
+    ``base``, ``c`` and the evaluations ``fⱼ`` whose values those rows hold.
+
+    Autograd through ``addmv(base, k[:m].t(), c)`` with ``k`` assembled by ``_UncheckedAssign`` (torchdiffeq's
+    way) hands every stage a gradient for the whole ``(7, n)`` storage: the outer product for the m rows,
+    a zero-filled full-size tensor for the slice, and an add into the storage's running gradient. Here
+    each non-zero ``cⱼ`` gives ``fⱼ`` its ``cⱼ·g`` and nothing else; ``c``'s gradient is ``k[:m] g``. The
+    rows must not change after the call (later stages write later rows only).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, base: Tensor | None, coeff: Tensor, rows: Tensor, nonzero: tuple[bool, ...],  # type: ignore[override]
+                *fs: Tensor) -> Tensor:
+        ctx.rows, ctx.nonzero = rows, nonzero
+        ctx.save_for_backward(coeff)
+        return torch.mv(rows.t(), coeff) if base is None else torch.addmv(base, rows.t(), coeff)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (coeff,) = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_base = grad if needs[0] else None
+        grad_coeff = torch.mv(ctx.rows.conj(), grad) if needs[1] else None  # conj: no-ops for real states
+        grad_fs = [grad * coeff[j].conj() if nz and needs[4 + j] else None for j, nz in enumerate(ctx.nonzero)]
+        return (grad_base, grad_coeff, None, None, *grad_fs)
+
+
+def _stage_sum(base: Tensor | None, weights: Tensor, nonzero: tuple[bool, ...], scale: Tensor, k: Tensor,
+               fs: Sequence[Tensor]) -> Tensor:
+    """``base + k[:m]ᵀ (weights·scale)`` with m = len(fs) = len(weights), through :class:`_StageSum`."""
+    return _StageSum.apply(base, weights * scale, k[: len(fs)], nonzero, *fs)
+
+
+def _nonzero(weights: Tensor) -> tuple[bool, ...]:
+    return tuple(bool(w) for w in (weights != 0).tolist())
 
 
 def all_finite(y: Tensor) -> bool:
@@ -166,39 +212,49 @@ class FastDopri5Solver(Dopri5Solver):
         # the Dormand–Prince property _rk_step relies on: y1 is the input of the last stage
         assert tab.c_sol[-1] == 0 and bool((tab.c_sol[:-1] == tab.beta[-1]).all())
         self._n_stages = len(tab.alpha) + 1
+        self._nonzero_beta = [_nonzero(b) for b in tab.beta]  # the tableau's zeros pass no gradient
+        self._nonzero_error, self._nonzero_mid = _nonzero(tab.c_error), _nonzero(self.mid)
         self._rtol_zero = self.atol.ndim == 0 and bool((self.rtol == 0).all())
         self._writes_out = isinstance(self.func, _LeanPerturbFunc) and getattr(self.func.base_func, "accepts_out", False)
 
     # ---------------------------------------------------------------- one Runge–Kutta step
 
     def _rk_step(self, y0: Tensor, f0: Tensor, t0: Tensor, dt: Tensor, t1: Tensor
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(y1, f1, error estimate, k) as torchdiffeq's ``_runge_kutta_step``; ``k`` is ``(7, n)``."""
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, ...] | None]:
+        """(y1, f1, error estimate, k, fs) as torchdiffeq's ``_runge_kutta_step``; ``k`` is ``(7, n)``, and
+        ``fs`` the evaluations whose values its rows hold, as autograd sees them (None without a graph)."""
         tab = self.tableau
         t_dtype = y0.real.dtype if y0.is_complex() else y0.dtype
         t0, dt, t1 = t0.to(t_dtype), dt.to(t_dtype), t1.to(t_dtype)
         shape = f0.shape
         y0_flat = y0.reshape(-1)
         k = torch.empty(self._n_stages, f0.numel(), dtype=y0.dtype, device=y0.device)
-        k = _UncheckedAssign.apply(k, f0.reshape(-1), (0,))
+        if not torch.is_grad_enabled():
+            k[0] = f0.reshape(-1)
+            yi = y0
+            direct = self._writes_out  # no graph: f goes straight into its row of k
+            for i, (alpha_i, beta_i) in enumerate(zip(tab.alpha, tab.beta, strict=True)):
+                ti, perturb = (t1, Perturb.PREV) if alpha_i == 1.0 else (t0 + alpha_i * dt, Perturb.NONE)
+                yi = torch.addmv(y0_flat, k[: i + 1].t(), beta_i * dt).view(shape)
+                if direct:
+                    self.func(ti, yi, perturb=perturb, out=k[i + 1].view(shape))
+                else:
+                    k[i + 1] = self.func(ti, yi, perturb=perturb).reshape(-1)
+            # Dormand–Prince: c_sol equals the last β row (c_sol[-1] = 0), so y1 is the last stage's input
+            return yi, k[-1].view(shape), torch.mv(k.t(), dt * tab.c_error).view(shape), k, None
+        # a graph is recorded (direct backprop): the same sums, through _StageSum
+        fs = [f0.reshape(-1)]
+        with torch.no_grad():
+            k[0] = fs[0]
         yi = y0
-        direct = self._writes_out and not torch.is_grad_enabled()  # no graph: f goes straight into k
         for i, (alpha_i, beta_i) in enumerate(zip(tab.alpha, tab.beta, strict=True)):
-            if alpha_i == 1.0:
-                ti, perturb = t1, Perturb.PREV
-            else:
-                ti, perturb = t0 + alpha_i * dt, Perturb.NONE
-            yi = torch.addmv(y0_flat, k[: i + 1].t(), beta_i * dt).view(shape)
-            if direct:
-                self.func(ti, yi, perturb=perturb, out=k[i + 1].view(shape))
-            else:
-                f = self.func(ti, yi, perturb=perturb)
-                k = _UncheckedAssign.apply(k, f.reshape(-1), (i + 1,))
-        # Dormand–Prince: c_sol equals the last β row (and c_sol[-1] = 0), so y1 is the last stage's input
-        y1 = yi
-        f1 = k[-1].view(shape)
-        y1_error = torch.mv(k.t(), dt * tab.c_error).view(shape)
-        return y1, f1, y1_error, k
+            ti, perturb = (t1, Perturb.PREV) if alpha_i == 1.0 else (t0 + alpha_i * dt, Perturb.NONE)
+            yi = _stage_sum(y0_flat, beta_i, self._nonzero_beta[i], dt, k, fs).view(shape)
+            fs.append(self.func(ti, yi, perturb=perturb).reshape(-1))
+            with torch.no_grad():
+                k[i + 1] = fs[-1]
+        error = _stage_sum(None, tab.c_error, self._nonzero_error, dt, k, fs).view(shape)
+        return yi, fs[-1].view(shape), error, k, tuple(fs)
 
     def _error_ratio(self, y1_error: Tensor, y0: Tensor, y1: Tensor) -> Tensor:
         if self._rtol_zero:
@@ -208,10 +264,14 @@ class FastDopri5Solver(Dopri5Solver):
                 return ratio
         return _compute_error_ratio(y1_error, self.rtol, self.atol, y0, y1, self.norm)
 
-    def _interp_fit(self, y0: Tensor, y1: Tensor, k: Tensor, dt: Tensor) -> list[Tensor]:
+    def _interp_fit(self, y0: Tensor, y1: Tensor, k: Tensor, dt: Tensor, fs: tuple[Tensor, ...] | None = None
+                    ) -> list[Tensor]:
         dt = dt.type_as(y0)
-        y_mid = torch.addmv(y0.reshape(-1), k.t(), dt * self.mid).view_as(y0)
-        return _interp_fit(y0, y1, y_mid, k[0].view_as(y0), k[-1].view_as(y0), dt)
+        if fs is None:
+            y_mid = torch.addmv(y0.reshape(-1), k.t(), dt * self.mid).view_as(y0)
+            return _interp_fit(y0, y1, y_mid, k[0].view_as(y0), k[-1].view_as(y0), dt)
+        y_mid = _stage_sum(y0.reshape(-1), self.mid, self._nonzero_mid, dt, k, fs).view_as(y0)
+        return _interp_fit(y0, y1, y_mid, fs[0].view_as(y0), fs[-1].view_as(y0), dt)
 
     def _coefficients(self) -> list[Tensor]:
         """The dense output of the current step, fitted now if it was left pending."""
@@ -293,7 +353,7 @@ class FastDopri5Solver(Dopri5Solver):
 
         if self.quadrature is not None:
             self.quadrature.stash.clear()
-        y1, f1, y1_error, k = self._rk_step(y0, f0, t0, dt, t1)
+        y1, f1, y1_error, k, fs = self._rk_step(y0, f0, t0, dt, t1)
         error_ratio = self._error_ratio(y1_error, y0, y1)
         accept_step = error_ratio <= 1
         if dt > self.max_step:
@@ -305,7 +365,7 @@ class FastDopri5Solver(Dopri5Solver):
             self.func.callback_accept_step(t0, y0, dt)
             t_next = t1
             y_next = y1
-            interp_coeff = _PendingFit(y0, y_next, k, dt)
+            interp_coeff = _PendingFit(y0, y_next, k, dt, fs)
             if on_step_t and self.next_step_index != len(self.step_t) - 1:
                 self.next_step_index += 1
             if on_jump_t:
