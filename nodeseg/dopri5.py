@@ -27,8 +27,7 @@ Same method, tableau, error norm, step-size control, callbacks and assertions as
   gradient for the whole ``(7, n)`` storage (an outer product, a zero-filled tensor for the slice, an add
   into the running total: ~14 passes over the state per stage). ``_StageSum`` gives each evaluation its
   own ``βᵢⱼ·dt·g`` instead, skipping the tableau's zeros (contour tiny, direct backprop: 0.60 → 0.50 s
-  per training step). The gradient through dt, which torchdiffeq also follows (the step-size control
-  depends on the state), is kept.
+  per training step). Where dt requires grad (a first step chosen from y0 and f0), its gradient is kept.
 * **Time cast without a pass over the state**: torchdiffeq's evaluation wrapper casts t to
   ``y.abs().dtype`` (an ``abs`` of the whole state per evaluation); the same dtype is read off ``y``.
 
@@ -96,7 +95,7 @@ class _PendingFit(NamedTuple):
     y1: Tensor
     k: Tensor
     dt: Tensor
-    fs: tuple[Tensor, ...] | None = None  # the evaluations as autograd sees them, when a graph is recorded
+    fs: tuple[Tensor, ...] | None = None  # k's rows as autograd sees them, when a graph is recorded
 
 
 class _StageSum(torch.autograd.Function):
@@ -106,25 +105,46 @@ class _StageSum(torch.autograd.Function):
     Autograd through ``addmv(base, k[:m].t(), c)`` with ``k`` assembled by ``_UncheckedAssign`` (torchdiffeq's
     way) hands every stage a gradient for the whole ``(7, n)`` storage: the outer product for the m rows,
     a zero-filled full-size tensor for the slice, and an add into the storage's running gradient. Here
-    each non-zero ``cⱼ`` gives ``fⱼ`` its ``cⱼ·g`` and nothing else; ``c``'s gradient is ``k[:m] g``. The
-    rows must not change after the call (later stages write later rows only).
+    each non-zero ``cⱼ`` gives ``fⱼ`` its ``cⱼ·g`` and nothing else; ``c``'s gradient is ``(fⱼ·g)ⱼ``, and
+    only then are the evaluations saved for it. (``c`` carries dt, which requires grad only in the first
+    step when the initial step size was chosen from y0 and f0; torchdiffeq's step-size control runs
+    under ``no_grad``.)
     """
 
     @staticmethod
     def forward(ctx: Any, base: Tensor | None, coeff: Tensor, rows: Tensor, nonzero: tuple[bool, ...],  # type: ignore[override]
                 *fs: Tensor) -> Tensor:
-        ctx.rows, ctx.nonzero = rows, nonzero
-        ctx.save_for_backward(coeff)
+        ctx.nonzero = nonzero
+        ctx.save_for_backward(coeff, *(fs if coeff.requires_grad else ()))
         return torch.mv(rows.t(), coeff) if base is None else torch.addmv(base, rows.t(), coeff)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        (coeff,) = ctx.saved_tensors
+        coeff, *fs = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_base = grad if needs[0] else None
-        grad_coeff = torch.mv(ctx.rows.conj(), grad) if needs[1] else None  # conj: no-ops for real states
+        # vdot and conj: the complex inner product; plain dot and no-ops for real states
+        grad_coeff = torch.stack([torch.vdot(f, grad) for f in fs]) if needs[1] else None
         grad_fs = [grad * coeff[j].conj() if nz and needs[4 + j] else None for j, nz in enumerate(ctx.nonzero)]
         return (grad_base, grad_coeff, None, None, *grad_fs)
+
+
+class _Store(torch.autograd.Function):
+    """Copy an evaluation into its row of the stage storage and stand for it in the graph: a tensor on the
+    row's memory carries the evaluation's gradient back to it, so the evaluation's own memory is freed
+    and a step holds its stages once (as torchdiffeq's path does). The storage is written as torchdiffeq's ``_UncheckedAssign``
+    writes it, past the version counter: nothing that is saved for backward reads it."""
+
+    @staticmethod
+    def forward(ctx: Any, f: Tensor, row: Tensor) -> Tensor:  # type: ignore[override]
+        row.copy_(f)
+        # the row's memory as a new tensor, not an autograd view of the storage: later stages write
+        # other rows of it, which autograd would otherwise count as in-place changes of this output
+        return row.new_empty(0).set_(row.untyped_storage(), row.storage_offset(), row.shape, row.stride())
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad, None
 
 
 def _stage_sum(base: Tensor | None, weights: Tensor, nonzero: tuple[bool, ...], scale: Tensor, k: Tensor,
@@ -243,16 +263,12 @@ class FastDopri5Solver(Dopri5Solver):
             # Dormand–Prince: c_sol equals the last β row (c_sol[-1] = 0), so y1 is the last stage's input
             return yi, k[-1].view(shape), torch.mv(k.t(), dt * tab.c_error).view(shape), k, None
         # a graph is recorded (direct backprop): the same sums, through _StageSum
-        fs = [f0.reshape(-1)]
-        with torch.no_grad():
-            k[0] = fs[0]
+        fs = [_Store.apply(f0.reshape(-1), k[0])]
         yi = y0
         for i, (alpha_i, beta_i) in enumerate(zip(tab.alpha, tab.beta, strict=True)):
             ti, perturb = (t1, Perturb.PREV) if alpha_i == 1.0 else (t0 + alpha_i * dt, Perturb.NONE)
             yi = _stage_sum(y0_flat, beta_i, self._nonzero_beta[i], dt, k, fs).view(shape)
-            fs.append(self.func(ti, yi, perturb=perturb).reshape(-1))
-            with torch.no_grad():
-                k[i + 1] = fs[-1]
+            fs.append(_Store.apply(self.func(ti, yi, perturb=perturb).reshape(-1), k[i + 1]))
         error = _stage_sum(None, tab.c_error, self._nonzero_error, dt, k, fs).view(shape)
         return yi, fs[-1].view(shape), error, k, tuple(fs)
 

@@ -349,6 +349,45 @@ def test_stage_sum_gradients_match_finite_differences() -> None:
     assert grads[1] is None and all(g is not None for i, g in enumerate(grads) if i != 1)
 
 
+def test_direct_backprop_holds_each_stage_once() -> None:
+    """With a graph recorded, each evaluation is copied into the stage storage and freed: while fθ runs, at
+    most one of its earlier outputs is alive (the solver's first f0, until the first step ends; the graph
+    holds the storage's rows instead), and the gradient is the one of torchdiffeq's own dopri5."""
+    import weakref
+
+    from torchdiffeq import odeint
+
+    from nodeseg.dopri5 import METHOD
+
+    class Tracked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1).to(F64)
+            self.outputs: list[weakref.ref] = []
+            self.most_alive = 0
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            self.most_alive = max(self.most_alive, sum(ref() is not None for ref in self.outputs))
+            out = torch.tanh(self.conv(y))
+            self.outputs.append(weakref.ref(out))
+            return out
+
+    torch.manual_seed(0)
+    f = Tracked()
+    y0 = torch.randn(2, 3, 8, 8, dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    grads = []
+    for method in (METHOD, "dopri5"):
+        f.outputs.clear()
+        f.most_alive = 0
+        y1 = odeint(f, y0, t, rtol=0.0, atol=1e-6, method=method, options={"first_step": 0.25})[-1]
+        if method == METHOD:
+            assert len(f.outputs) > 12 and f.most_alive == 1
+        grads.append(torch.autograd.grad(y1.square().sum(), tuple(f.parameters())))
+    for got, ref in zip(*grads, strict=True):
+        assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)
+
+
 class _Counted(nn.Module):
     """``func`` with a call counter (odeint_adjoint needs an nn.Module that owns the parameters)."""
 
