@@ -27,7 +27,9 @@ Same method, tableau, error norm, step-size control, callbacks and assertions as
   gradient for the whole ``(7, n)`` storage (an outer product, a zero-filled tensor for the slice, an add
   into the running total: ~14 passes over the state per stage). ``_StageSum`` gives each evaluation its
   own ``βᵢⱼ·dt·g`` instead, skipping the tableau's zeros (contour tiny, direct backprop: 0.60 → 0.50 s
-  per training step). Where dt requires grad (a first step chosen from y0 and f0), its gradient is kept.
+  per training step), and ``_Store`` lets fθ's output go once it is copied into its row, so a step
+  still holds its stages once. Where dt requires grad (a first step chosen from y0 and f0), its gradient
+  is kept.
 * **Time cast without a pass over the state**: torchdiffeq's evaluation wrapper casts t to
   ``y.abs().dtype`` (an ``abs`` of the whole state per evaluation); the same dtype is read off ``y``.
 
@@ -132,8 +134,9 @@ class _StageSum(torch.autograd.Function):
 class _Store(torch.autograd.Function):
     """Copy an evaluation into its row of the stage storage and stand for it in the graph: a tensor on the
     row's memory carries the evaluation's gradient back to it, so the evaluation's own memory is freed
-    and a step holds its stages once (as torchdiffeq's path does). The storage is written as torchdiffeq's ``_UncheckedAssign``
-    writes it, past the version counter: nothing that is saved for backward reads it."""
+    and a step holds its stages once (as torchdiffeq's path does). The storage is written past the
+    version counter, as torchdiffeq's ``_UncheckedAssign`` writes it: nothing saved for backward reads
+    a row that is written later."""
 
     @staticmethod
     def forward(ctx: Any, f: Tensor, row: Tensor) -> Tensor:  # type: ignore[override]
