@@ -11,13 +11,15 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from nodeseg import __version__
-from nodeseg.errors import NodesegError
+from nodeseg.errors import NodesegError, Terminated
 from nodeseg.malloc import tune_malloc
 from nodeseg.tuning import DEFAULT_STUDY
 
@@ -217,6 +219,24 @@ def _stage_paths(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
                                                                                publish=publish))))
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the stage runs, SIGTERM raises :class:`Terminated` (instead of ending the process on the spot, or
+    being ignored where ``nodeseg`` is a container's PID 1), so the stage cleans up like on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nodeseg`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -231,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         tune_malloc()
         with contextlib.ExitStack() as stack:
+            stack.enter_context(_sigterm_unwinds())
             _stage_paths(args, stack)
             _RUNNERS[args.stage](args)
     except (NodesegError, ValueError, OSError) as err:
@@ -247,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = 4
         print(f"nodeseg {args.stage}: error: {' '.join(text.split())}", file=sys.stderr)
         return code
+    except Terminated as err:
+        resume = "; run the same command again to resume from the last checkpoint" if args.stage in _RESUMABLE else ""
+        print(f"nodeseg {args.stage}: stopped by {err}{resume}", file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
         print(f"nodeseg {args.stage}: interrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 
 class NodesegError(Exception):
@@ -40,6 +41,19 @@ class StorageError(NodesegError, OSError):
     """Reading or writing a local path or an s3:// URL failed after retries."""
 
     exit_code = 4
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM: a deleted, evicted or preempted pod, ``kill``).
+
+    Raised by the CLI's signal handler so that the stage unwinds as it would on Ctrl-C: the MLflow run is
+    ended as KILLED, temporary files are removed, a training output on S3 uploads its checkpoints; the CLI
+    then exits with 128 + the signal number.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
 
 
 def check_arg(ok: bool, name: str, value: object, expected: str) -> None:

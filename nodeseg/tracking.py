@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "nodeseg"
 _MAX_PARAM_LEN = 6000
+_MAX_BATCH = 1000  # metrics per log_batch call (MLflow's limit)
 
 
 def tracking_uri(workdir: Path | None = None) -> str:
@@ -76,8 +78,13 @@ class Tracker:
             return
         import mlflow
 
-        status = "FINISHED" if exc_type is None else "FAILED"
-        if exc is not None:
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C, or SIGTERM through nodeseg.errors.Terminated
+            status = "KILLED"
+            self.set_tags({"nodeseg.error": f"stopped by {exc}" if str(exc) else "interrupted"})
+        else:
+            status = "FAILED"
             self.set_tags({"nodeseg.error": str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__})
         mlflow.end_run(status=status)
 
@@ -129,3 +136,50 @@ class Tracker:
             mlflow.log_artifacts(str(path), artifact_path=artifact_path)
         elif path.is_file():
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_metric_history(self, rows: Sequence[tuple[Mapping[str, float], int]]) -> None:
+        """Log many ``(metrics, step)`` rows at once (batched; non-finite values skipped as in
+        :meth:`log_metrics`): the history a resumed training run carries over from its checkpoint."""
+        if not self.enabled or self.run_id is None:
+            return
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, int(step)) for row, step in rows for k, v in row.items()
+                   if v is not None and math.isfinite(float(v))]
+        client = MlflowClient()
+        for i in range(0, len(metrics), _MAX_BATCH):
+            client.log_batch(self.run_id, metrics=metrics[i: i + _MAX_BATCH])
+
+    def resumes(self, checkpoint_run: str) -> None:
+        """Record that this run resumes from a checkpoint written under ``checkpoint_run``, and close the runs
+        that processes killed outright (SIGKILL, a lost node, the OOM killer) left RUNNING: that run, and the
+        runs that resumed from the same checkpoint before this one without ever writing one.
+
+        A closed run is marked KILLED and tagged ``nodeseg.restarted_as`` with this run's id; this run is
+        tagged ``nodeseg.resumes_run``. A run another tracking store holds is only named.
+        """
+        if not self.enabled or self.run_id is None or not checkpoint_run or checkpoint_run == self.run_id:
+            return
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        self.set_tags({"nodeseg.resumes_run": checkpoint_run})
+        client = MlflowClient()
+        try:
+            writer = client.get_run(checkpoint_run)
+        except MlflowException:  # another tracking store, or deleted
+            log.info("the checkpoint was written under MLflow run %s, which this tracking store does not hold",
+                     checkpoint_run)
+            return
+        abandoned = [writer] if writer.info.status == "RUNNING" else []
+        abandoned += [r for r in client.search_runs(
+            [writer.info.experiment_id],
+            filter_string=f"tags.`nodeseg.resumes_run` = '{checkpoint_run}' and attributes.status = 'RUNNING'")
+            if r.info.run_id != self.run_id]
+        for run in abandoned:
+            client.set_terminated(run.info.run_id, status="KILLED")
+            client.set_tag(run.info.run_id, "nodeseg.restarted_as", self.run_id)
+            log.info("MLflow run %s was left RUNNING by a process that did not end it: marked KILLED",
+                     run.info.run_id)

@@ -1,4 +1,5 @@
-"""Faults, through the real CLI: training SIGKILLed at any point resumes to the uninterrupted run's exact weights;
+"""Faults, through the real CLI: training SIGKILLed at any point resumes to the uninterrupted run's exact weights
+(and MLflow history, no run left RUNNING); SIGTERM stops a stage cleanly, uploading an S3 run's checkpoints;
 an S3 endpoint that fails mid-upload publishes nothing and the stage fails clearly after retries; a runaway ODE
 solve or a NaN loss stops with one line and keeps the last good checkpoint.
 
@@ -7,6 +8,7 @@ One torch thread everywhere (conftest sets it here; the subprocesses get OMP_NUM
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import logging
@@ -19,10 +21,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
+import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -183,10 +187,46 @@ def _assert_same_state(a: object, b: object, where: str) -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+def _killed_store(root: Path) -> str:
+    """The MLflow store of the subprocesses this module kills (a file store; see :class:`Proc`)."""
+    return (root / "mlruns-killed").as_uri()
+
+
+@contextlib.contextmanager
+def _in_store(uri: str) -> Iterator[None]:
+    """MLflow tracking in ``uri`` for the block (the CLI reads the environment); the session's store after."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        try:
+            yield
+        finally:
+            mp.undo()
+            mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def _runs(client: MlflowClient, stage: str) -> list[Any]:
+    return client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.`nodeseg.stage` = '{stage}'", order_by=["attributes.start_time"])
+
+
+def _assert_same_history(client: MlflowClient, run_id: str, ref_client: MlflowClient, ref_id: str) -> None:
+    """Every metric of ``run_id`` logged at the same steps with the same values as in ``ref_id`` (timings
+    excepted)."""
+    keys = {k for k in ref_client.get_run(ref_id).data.metrics if "seconds" not in k}
+    assert {k for k in client.get_run(run_id).data.metrics if "seconds" not in k} == keys
+    assert {"val_loss", "train/loss"} <= keys
+    for key in sorted(keys):
+        got = [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        want = [(m.step, m.value) for m in sorted(ref_client.get_metric_history(ref_id, key), key=lambda m: m.step)]
+        assert got == want, key
+
+
 @pytest.mark.slow
 def test_sigkill_anywhere_resumes_to_the_uninterrupted_weights(
-    data: dict[str, Path], caplog: pytest.LogCaptureFixture
+    data: dict[str, Path], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # to read the processes' store (see Proc)
     root = data["root"]
     out = root / "killed"
     ckpts = out / "checkpoints"
@@ -253,10 +293,12 @@ def test_sigkill_anywhere_resumes_to_the_uninterrupted_weights(
     resumed(proc, latest)
     events.append(f"resumed at epoch {latest}, killed {delay:.2f} s into training (exit {rc}): {state()}")
 
-    # 5. to the end (in this process: the same `nodeseg pretrain`, without another interpreter start)
+    # 5. to the end (in this process: the same `nodeseg pretrain`, without another interpreter start), in the
+    # killed processes' MLflow store
     latest = _latest(ckpts)
     caplog.set_level(logging.INFO, logger="nodeseg.train.loop")
-    assert main(argv) == 0
+    with _in_store(_killed_store(root)):
+        assert main(argv) == 0
     assert f"resuming pretrain from {ckpt.checkpoint_path(ckpts, latest)} (epoch {latest})" in caplog.text
     events.append(f"resumed at epoch {latest}, finished: {state()}")
     print("\n".join(events))
@@ -284,6 +326,64 @@ def test_sigkill_anywhere_resumes_to_the_uninterrupted_weights(
     reference = ckpt.load(ckpt.checkpoint_path(base / "checkpoints", EPOCHS))
     for key in ("model", "optimizer", "warmup", "plateau", "history", "val_head", "fingerprint"):
         _assert_same_state(final[key], reference[key], key)
+
+    # MLflow: no run is left RUNNING by the killed processes (each was found by a later one and marked KILLED),
+    # and the finished run holds the whole metric history, each step once, as the uninterrupted run's
+    store = MlflowClient(_killed_store(root))
+    runs = _runs(store, "pretrain")
+    assert len(runs) == len(events)  # one per process
+    status = {r.info.run_id: r.info.status for r in runs}
+    assert sorted(status.values()) == ["FINISHED"] + ["KILLED"] * (len(runs) - 1), status
+    (finished,) = [r for r in runs if r.info.status == "FINISHED"]
+    assert finished.info.run_id == final["mlflow_run_id"]
+    for run in runs:
+        if run is not finished:
+            assert run.data.tags["nodeseg.restarted_as"] in status  # closed by a later process of this folder
+    _assert_same_history(store, finished.info.run_id, MlflowClient(os.environ["MLFLOW_TRACKING_URI"]),
+                         reference["mlflow_run_id"])
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_uploads_the_checkpoints_and_resumes(
+    data: dict[str, Path], bucket: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deleted or preempted pod gets SIGTERM: the stage unwinds, says so in one line, ends its MLflow run as
+    KILLED and (an s3:// training output) uploads its checkpoints; the same command resumes from them."""
+    root = data["root"] / "sigterm"  # the processes' MLflow store goes here, apart from the SIGKILL test's
+    root.mkdir()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # to read the processes' store (see Proc)
+    uri = f"s3://{bucket}/terminated"
+    argv = ["pretrain", *ARGS, "--shards", str(data["shards"]), "--out", uri]
+    steps = len(_rows(data["baseline"] / "train_log.csv")) // EPOCHS
+    proc = Proc(argv, root)
+    # the first checkpoint is written (its log line follows the write) and the second epoch is under way
+    assert proc.wait_for(lambda text: "pretrain epoch 1: val_loss" in text and _progress(2, 3, steps - 8)(text))
+    proc.p.send_signal(signal.SIGTERM)
+    assert proc.finish() == 128 + signal.SIGTERM
+    assert _last_line(proc.text) == ("nodeseg pretrain: stopped by SIGTERM; run the same command again to resume "
+                                     "from the last checkpoint")
+    assert _last_line(proc.text) in DOC.read_text()
+    s3 = _direct()
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="terminated/").get("Contents", [])}
+    assert {"terminated/checkpoints/epoch-0001.pt", f"terminated/{MARKER}"} <= keys, keys
+    assert not [k for k in keys if k.endswith(".tmp")], keys
+    (run,) = [r for r in _runs(MlflowClient(_killed_store(root)), "pretrain")
+              if r.data.tags.get("nodeseg.error") == "stopped by SIGTERM"]
+    assert run.info.status == "KILLED"
+
+    caplog.set_level(logging.INFO, logger="nodeseg.train.loop")
+    with _in_store(_killed_store(root)):
+        assert main(argv) == 0
+    assert re.search(r"resuming pretrain from \S+epoch-000[1-9]\.pt \(epoch [1-9]\)", caplog.text), caplog.text
+    final = root / "terminated-final.pt"
+    s3.download_file(bucket, f"terminated/checkpoints/epoch-{EPOCHS:04d}.pt", str(final))
+    final_state = ckpt.load(final)
+    reference = ckpt.load(ckpt.checkpoint_path(data["baseline"] / "checkpoints", EPOCHS))
+    for key in ("model", "optimizer", "history", "fingerprint"):
+        _assert_same_state(final_state[key], reference[key], key)
+    resumed = MlflowClient(_killed_store(root)).get_run(final_state["mlflow_run_id"])
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["nodeseg.resumes_run"] == run.info.run_id
+    assert run.info.status == "KILLED"  # ended by itself: the resumed run had nothing to close
 
 
 # ----------------------------------------------------------------------------------------------- S3 faults

@@ -160,6 +160,28 @@ def validation_losses(
     return losses, stats
 
 
+def _step_metrics(rec: Mapping[str, float]) -> dict[str, float]:
+    """What MLflow gets of a training step's record (at step = the global step)."""
+    return {f"train/{k}": v for k, v in rec.items() if k not in ("epoch", "step")}
+
+
+def _epoch_metrics(row: Mapping[str, float]) -> dict[str, float]:
+    """What MLflow gets of an epoch's row (at step = the epoch)."""
+    return {k: v for k, v in row.items() if k not in ("epoch", "step")}
+
+
+def _logged_history(history: list[dict[str, float]], steps_log: list[dict[str, float]], log_every: int
+                    ) -> list[tuple[dict[str, float], int]]:
+    """The (metrics, step) rows the loop logged for the epochs in ``history``: every ``log_every``-th step
+    and each epoch's last, then the epochs."""
+    def logged(i: int, rec: Mapping[str, float]) -> bool:
+        last_of_epoch = i + 1 == len(steps_log) or steps_log[i + 1]["epoch"] != rec["epoch"]
+        return int(rec["step"]) % log_every == 0 or last_of_epoch
+
+    rows = [(_step_metrics(rec), int(rec["step"])) for i, rec in enumerate(steps_log) if logged(i, rec)]
+    return rows + [(_epoch_metrics(row), int(row["epoch"])) for row in history]
+
+
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
@@ -219,6 +241,7 @@ def fit(
     start_epoch, global_step = 0, 0
     history: list[dict[str, float]] = []
     steps_log: list[dict[str, float]] = []
+    previous_run: str | None = None  # the MLflow run the resumed checkpoint was written under
     if info.is_main:
         for torn in ckpt.remove_partial_writes(ckpt_dir):
             log.warning("removed %s, a checkpoint write that a killed run left unfinished", torn)
@@ -238,6 +261,7 @@ def fit(
             plateau.load_state_dict(state["plateau"])
             ckpt.set_rng_state(state["rng"])
             start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
+            previous_run = state.get("mlflow_run_id")
             history = list(state["history"])
             steps_log = list(state["steps"])
             if info.is_main:
@@ -263,6 +287,10 @@ def fit(
             f"the training set ({len(train_set)} samples) is smaller than one global batch ({cfg.batch_size})"  # type: ignore[arg-type]
         )
     tracker.set_tags({"nodeseg.fingerprint": fp, "nodeseg.resumed_from_epoch": start_epoch})
+    if start_epoch:  # this run carries the checkpointed history on: its metrics start at epoch 1 again
+        tracker.log_metric_history(_logged_history(history, steps_log, cfg.log_every))
+        if previous_run:
+            tracker.resumes(previous_run)
     last_path: Path | None = ckpt.checkpoint_path(ckpt_dir, start_epoch) if start_epoch else None
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -271,70 +299,67 @@ def fit(
             train_set.set_epoch(epoch)  # type: ignore[attr-defined]
         model.train()
         n_batches = len(loader) if not cfg.max_batches_per_epoch else min(len(loader), cfg.max_batches_per_epoch)
-        bar = tqdm(total=n_batches, desc=f"{stage} epoch {epoch + 1}/{cfg.epochs}", disable=not info.is_main,
-                   mininterval=2.0, leave=False)
-        t_epoch = time.perf_counter()
-        loss_sum, loss_n = 0.0, 0
-        for i, batch in enumerate(loader):
-            if i >= n_batches:
-                break
-            t0 = time.perf_counter()
-            image, phi, valid = _batch_tensors(batch, info.device, cfg.channels_last)
-            failure = ""
-            sq_sum = torch.zeros((), device=info.device)
-            n_valid = float((valid != 0).sum())
-            try:
-                pred = ddp_model(image)
-                sq_sum = narrow_band_mse(pred, phi, valid, width=cfg.band_width, reduction="sum")
-                if not torch.isfinite(sq_sum):
-                    failure = f"the loss became {sq_sum.item()}"
-            except SolverError as err:
-                failure = str(err)
-            # one all-reduce per step: whether any rank failed, and the valid pixels of the global batch
-            failed, global_valid = all_reduce_sum([1.0 if failure else 0.0, n_valid], info)
-            if failed:
-                bar.close()  # cleared before the error is printed, not after it when garbage-collected
-                raise TrainingDiverged(
-                    f"{stage}: epoch {epoch + 1} step {global_step + 1}: {failure or 'another rank failed'};"
-                    f" the last good checkpoint is kept ({last_path or 'none yet'})"
-                )
-            # the mean over the global batch's valid pixels; DDP averages gradients over ranks, hence × world, so
-            # that padded samples weigh the same as with one process whatever the split of the batch
-            loss = sq_sum * (world / max(global_valid, 1.0))
-            opt.zero_grad(set_to_none=True)
-            try:
-                loss.backward()
-            except SolverError as err:  # the adjoint solve runs inside backward(): same message as the forward's
-                bar.close()
-                raise TrainingDiverged(
-                    f"{stage}: epoch {epoch + 1} step {global_step + 1}: {err}; the last good checkpoint is kept"
-                    f" ({last_path or 'none yet'})"
-                ) from None
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            global_step += 1
-            if global_step <= cfg.warmup_steps:
-                warmup.step()
-            counts = _nfe(model)
-            rec = {
-                "epoch": epoch + 1,
-                "step": global_step,
-                "loss": float(sq_sum.detach()) / max(n_valid, 1.0),  # this rank's share of the batch
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - t0,
-            }
-            if counts is not None:
-                rec["nfe_forward"], rec["nfe_backward"] = float(counts[0]), float(counts[1])
-            steps_log.append(rec)
-            loss_sum += rec["loss"]
-            loss_n += 1
-            if global_step % cfg.log_every == 0 or i == n_batches - 1:
-                tracker.log_metrics({f"train/{k}": v for k, v in rec.items() if k not in ("epoch", "step")},
-                                    step=global_step)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", **({"nfe": counts[0]} if counts else {}))
-            bar.update(1)
-        bar.close()
+        # closed on any way out (an error, SIGTERM): cleared before the CLI prints its last line
+        with tqdm(total=n_batches, desc=f"{stage} epoch {epoch + 1}/{cfg.epochs}", disable=not info.is_main,
+                  mininterval=2.0, leave=False) as bar:
+            t_epoch = time.perf_counter()
+            loss_sum, loss_n = 0.0, 0
+            for i, batch in enumerate(loader):
+                if i >= n_batches:
+                    break
+                t0 = time.perf_counter()
+                image, phi, valid = _batch_tensors(batch, info.device, cfg.channels_last)
+                failure = ""
+                sq_sum = torch.zeros((), device=info.device)
+                n_valid = float((valid != 0).sum())
+                try:
+                    pred = ddp_model(image)
+                    sq_sum = narrow_band_mse(pred, phi, valid, width=cfg.band_width, reduction="sum")
+                    if not torch.isfinite(sq_sum):
+                        failure = f"the loss became {sq_sum.item()}"
+                except SolverError as err:
+                    failure = str(err)
+                # one all-reduce per step: whether any rank failed, and the valid pixels of the global batch
+                failed, global_valid = all_reduce_sum([1.0 if failure else 0.0, n_valid], info)
+                if failed:
+                    raise TrainingDiverged(
+                        f"{stage}: epoch {epoch + 1} step {global_step + 1}: {failure or 'another rank failed'};"
+                        f" the last good checkpoint is kept ({last_path or 'none yet'})"
+                    )
+                # the mean over the global batch's valid pixels; DDP averages gradients over ranks, hence × world, so
+                # that padded samples weigh the same as with one process whatever the split of the batch
+                loss = sq_sum * (world / max(global_valid, 1.0))
+                opt.zero_grad(set_to_none=True)
+                try:
+                    loss.backward()
+                except SolverError as err:  # the adjoint solve runs inside backward(): same message as the forward's
+                    raise TrainingDiverged(
+                        f"{stage}: epoch {epoch + 1} step {global_step + 1}: {err}; the last good checkpoint is kept"
+                        f" ({last_path or 'none yet'})"
+                    ) from None
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                global_step += 1
+                if global_step <= cfg.warmup_steps:
+                    warmup.step()
+                counts = _nfe(model)
+                rec = {
+                    "epoch": epoch + 1,
+                    "step": global_step,
+                    "loss": float(sq_sum.detach()) / max(n_valid, 1.0),  # this rank's share of the batch
+                    "lr": opt.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - t0,
+                }
+                if counts is not None:
+                    rec["nfe_forward"], rec["nfe_backward"] = float(counts[0]), float(counts[1])
+                steps_log.append(rec)
+                loss_sum += rec["loss"]
+                loss_n += 1
+                if global_step % cfg.log_every == 0 or i == n_batches - 1:
+                    tracker.log_metrics(_step_metrics(rec), step=global_step)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", **({"nfe": counts[0]} if counts else {}))
+                bar.update(1)
         train_loss = all_reduce_sum([loss_sum, float(loss_n)], info)
         per_sample, val_stats = validation_losses(
             model, val_set, band_width=cfg.band_width, batch_size=cfg.val_batch_size, info=info
@@ -358,7 +383,7 @@ def fit(
             "seconds": time.perf_counter() - t_epoch,
         }
         history.append(row)
-        tracker.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "step")}, step=epoch + 1)
+        tracker.log_metrics(_epoch_metrics(row), step=epoch + 1)
         if info.is_main:
             last_path = ckpt.checkpoint_path(ckpt_dir, epoch + 1)
             ckpt.save(
@@ -381,6 +406,7 @@ def fit(
                     "history": history,
                     "steps": steps_log,
                     "train_config": asdict(cfg),
+                    "mlflow_run_id": tracker.run_id,  # a resumed run links to it (and marks it KILLED if left RUNNING)
                 },
             )
             _write_csv(out_dir / "train_log.csv", steps_log)
