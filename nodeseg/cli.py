@@ -11,15 +11,13 @@ import argparse
 import contextlib
 import logging
 import os
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from nodeseg import __version__
-from nodeseg.errors import NodesegError, Terminated
+from nodeseg.errors import NodesegError, Terminated, sigterm_raises
 from nodeseg.malloc import tune_malloc
 from nodeseg.tuning import DEFAULT_STUDY
 
@@ -219,24 +217,6 @@ def _stage_paths(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
                                                                                publish=publish))))
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated(signum)
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """While the stage runs, SIGTERM raises :class:`Terminated` (instead of ending the process on the spot, or
-    being ignored where ``nodeseg`` is a container's PID 1), so the stage cleans up like on Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nodeseg`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -251,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         tune_malloc()
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_sigterm_unwinds())
+            stack.enter_context(sigterm_raises())
             _stage_paths(args, stack)
             _RUNNERS[args.stage](args)
     except (NodesegError, ValueError, OSError) as err:

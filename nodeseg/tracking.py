@@ -179,7 +179,25 @@ class Tracker:
             filter_string=f"tags.`nodeseg.resumes_run` = '{checkpoint_run}' and attributes.status = 'RUNNING'")
             if r.info.run_id != self.run_id]
         for run in abandoned:
-            client.set_terminated(run.info.run_id, status="KILLED")
-            client.set_tag(run.info.run_id, "nodeseg.restarted_as", self.run_id)
-            log.info("MLflow run %s was left RUNNING by a process that did not end it: marked KILLED",
-                     run.info.run_id)
+            self._close(client, run.info.run_id)
+
+    def close_abandoned(self, run_id: str) -> None:
+        """Mark ``run_id`` KILLED, tagged ``nodeseg.restarted_as`` with this run's id, if a process that did not
+        end it left it RUNNING (a tune trial run again after its worker died); otherwise leave it."""
+        if not self.enabled or self.run_id is None or not run_id or run_id == self.run_id:
+            return
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        client = MlflowClient()
+        try:
+            status = client.get_run(run_id).info.status
+        except MlflowException:  # another tracking store, or deleted
+            return
+        if status == "RUNNING":
+            self._close(client, run_id)
+
+    def _close(self, client: Any, run_id: str) -> None:
+        client.set_terminated(run_id, status="KILLED")
+        client.set_tag(run_id, "nodeseg.restarted_as", self.run_id)
+        log.info("MLflow run %s was left RUNNING by a process that did not end it: marked KILLED", run_id)

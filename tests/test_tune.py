@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
@@ -273,3 +278,108 @@ def test_every_phase_refuses_a_study_of_another_objective(tmp_path: Path, phase:
                                           r"'iou'\), but tune.objective='loss' needs"):
         tune(tmp_path / "no-shards", tmp_path / "no-unet", out, _params("tune.objective=loss"),
              storage=storage, phase=phase, n_trials=1)
+
+
+# ----------------------------------------------------------------------------------------------- workers that stop
+
+RESILIENT = [*TINY, "refine.batch_size=2", "refine.warmup_steps=0", "tune.epochs=3", "tune.max_batches_per_epoch=3",
+             "tune.reference_atol=null", "tune.methods=[rk4]", "tune.step_sizes=[0.5]", "tune.adjoint=[true]",
+             "tune.pruner=none", "tune.heartbeat_s=1", "tune.retries=2"]
+
+
+def _worker(selected: dict[str, Path], out: Path, storage: str, workers: int = 1, *extra: str
+            ) -> subprocess.Popen[bytes]:
+    """``nodeseg tune --phase optimize`` of one trial per worker, as its own process (the session's MLflow
+    store)."""
+    argv = [sys.executable, "-m", "nodeseg", "tune", "--params", str(REPO / "params.yaml"),
+            *[a for s in (*RESILIENT, *extra) for a in ("--set", s)], "--shards", str(selected["shards"]),
+            "--unet", str(selected["unet"]), "--out", str(out), "--storage", storage, "--phase", "optimize",
+            "--n-trials", str(workers), "--workers", str(workers)]
+    return subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _stop_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool], sig: signal.Signals) -> tuple[int, str]:
+    """Send ``sig`` as soon as ``ready()``; the exit status and the last stderr line."""
+    deadline = time.monotonic() + 180
+    while not ready():
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, (err.decode().strip().splitlines() or [""])[-1]
+
+
+@pytest.mark.slow
+def test_a_killed_or_stopped_workers_trial_runs_again_from_its_checkpoints(
+    selected: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGKILL (a lost node): the trial's heartbeat stops; the next worker marks it FAIL and runs it again.
+    SIGTERM (a deleted pod): the trial ends FAIL, is queued again at once and keeps its checkpoints, from
+    which the rerun resumes. No MLflow run or pruning twin is left RUNNING."""
+    params = tiny_params(*RESILIENT[len(TINY):])
+    out, storage = tmp_path / "tune", f"sqlite:///{tmp_path / 'study.db'}"
+    tune(None, None, out, params, storage=storage, phase="create")  # type: ignore[arg-type]
+
+    def trials() -> list[optuna.trial.FrozenTrial]:
+        return load_study(storage, "nodeseg-tune").trials
+
+    # 1. SIGKILL during trial 0's first epoch, once its MLflow run exists: the trial stays RUNNING
+    code, _ = _stop_when(_worker(selected, out, storage),
+                         lambda: bool(trials() and "mlflow_run_id" in trials()[0].user_attrs), signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert not (out / "trials/trial-0000/checkpoints/epoch-0001.pt").exists()  # killed before any checkpoint
+    assert [t.state for t in trials()] == [TrialState.RUNNING]
+
+    # 2. once its heartbeat is 2 s old, the next worker fails it and runs it again as trial 1 (from the start,
+    # there is no checkpoint); SIGTERM once trial 1 wrote epoch 1: one line, exit 143, trial 2 waits
+    time.sleep(2.5)
+    code, last = _stop_when(_worker(selected, out, storage),
+                            (out / "trials/trial-0001/checkpoints/epoch-0001.pt").exists, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM and last == "nodeseg tune: stopped by SIGTERM", last
+    assert [t.state for t in trials()] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
+    assert (out / "trials/trial-0001/checkpoints/epoch-0001.pt").is_file()  # kept for the rerun
+
+    # 3. the rerun takes over trial 1's folder and resumes from its checkpoints
+    caplog.set_level(logging.INFO, logger="nodeseg")
+    tune(selected["shards"], selected["unet"], out, params, storage=storage, phase="optimize", n_trials=1)
+    done = trials()
+    assert [t.state for t in done] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert done[1].params == done[0].params == done[2].params
+    assert (done[1].user_attrs["retry_of"], done[2].user_attrs["retry_of"]) == (0, 1)
+    resumed = re.search(r"resuming tune from \S+/trial-0002/checkpoints/epoch-(\d{4})\.pt", caplog.text)
+    assert resumed and int(resumed[1]) >= 1, caplog.text
+    assert not (out / "trials/trial-0001").exists() and not (out / "trials/trial-0002/checkpoints").exists()
+    # MLflow: the killed trial's run was closed by its rerun, the stopped one ended KILLED by itself
+    client = mlflow.MlflowClient()
+    runs = [client.get_run(t.user_attrs["mlflow_run_id"]) for t in done]
+    assert [r.info.status for r in runs] == ["KILLED", "KILLED", "FINISHED"]
+    assert runs[0].data.tags["nodeseg.restarted_as"] == runs[1].info.run_id
+    assert runs[1].data.tags["nodeseg.error"] == "stopped by SIGTERM"
+    twins = load_study(storage, "nodeseg-tune.pruning").trials
+    assert [t.state for t in twins] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_parent_stops_every_worker_cleanly(selected: dict[str, Path], tmp_path: Path) -> None:
+    """The parent of --workers 2 passes SIGTERM on; each worker's trial ends FAIL, its MLflow run KILLED, and
+    is queued again."""
+    longer = "tune.epochs=8"  # both trials under way at once, whatever the two workers' start-up times
+    params = tiny_params(*RESILIENT[len(TINY):], longer)
+    out, storage = tmp_path / "tune", f"sqlite:///{tmp_path / 'study.db'}"
+    tune(None, None, out, params, storage=storage, phase="create")  # type: ignore[arg-type]
+
+    def both_running() -> bool:
+        trials = load_study(storage, "nodeseg-tune").trials
+        return len(trials) == 2 and all("mlflow_run_id" in t.user_attrs for t in trials)
+
+    code, last = _stop_when(_worker(selected, out, storage, 2, longer), both_running, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM and last == "nodeseg tune: stopped by SIGTERM", last
+    trials = load_study(storage, "nodeseg-tune").trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.WAITING] * 2
+    assert sorted(str(t.params) for t in trials[:2]) == sorted(str(t.params) for t in trials[2:])
+    client = mlflow.MlflowClient()
+    for t in trials[:2]:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["nodeseg.error"] == "stopped by SIGTERM"

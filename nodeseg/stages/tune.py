@@ -9,7 +9,8 @@ tasks run ``optimize --workers 1 --worker-index I`` against the same storage, an
 Each trial is a short refinement through :func:`nodeseg.train.loop.fit` (the loop every stage uses) from the
 same selected UNet, with the same seed, data order and initial weights; only the solver changes. A trial
 whose solve hits the NFE or step cap, or whose loss diverges, ends FAIL with its reason in the
-``fail_reason`` user attribute; the study goes on.
+``fail_reason`` user attribute; the study goes on. A trial whose worker is stopped (SIGTERM) or dies (its
+heartbeat stops) is queued again with the same solver and resumes from its checkpoints (docs/tuning.md).
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from nodeseg.config import flatten, to_mapping
-from nodeseg.errors import ConfigError, NodesegError, SolverError, TrainingDiverged
+from nodeseg.errors import (
+    ConfigError,
+    NodesegError,
+    SolverError,
+    Terminated,
+    TrainingDiverged,
+    sigterm_raises,
+)
 from nodeseg.params import Params
 from nodeseg.stages._training import data_info, datasets, image_channels
 from nodeseg.stages.refine import contour_builder
@@ -44,7 +52,7 @@ from nodeseg.tuning.config import TuneConfig
 from nodeseg.tuning.pruning import SUFFIX as PRUNING_SUFFIX
 from nodeseg.tuning.pruning import EpochPruning, create_pruning_study, make_pruner
 from nodeseg.tuning.space import reference_params, suggest_solver, tuned_keys
-from nodeseg.tuning.storage import default_storage, load_study, open_storage, redact
+from nodeseg.tuning.storage import default_storage, load_study, open_storage, redact, retry_callback
 
 log = logging.getLogger(__name__)
 
@@ -148,20 +156,51 @@ class TrialRunner:
         model, spec = self.build(self.channels, dataclasses.replace(self.params.contour, solver=solver))
         return model, {**spec, "preprocessing": self.preprocessing}
 
+    def _frozen(self, trial: optuna.Trial) -> FrozenTrial:
+        """The trial as stored (Optuna 5's ``Trial`` no longer shows its system attributes)."""
+        return self.study._storage.get_trial(trial._trial_id)
+
+    def _take_over(self, trial: optuna.Trial, trial_dir: Path) -> str | None:
+        """For a trial that runs an earlier one again (its worker died or was stopped; ``retry_history`` in
+        the system attributes): move the earlier trial's folder here, so that training resumes from its
+        checkpoints, and end its pruning twin if still RUNNING. Returns the earlier trial's MLflow run id (None
+        for a first run)."""
+        history = self._frozen(trial).system_attrs.get("retry_history") or []
+        if not history:
+            return None
+        previous = int(history[-1])
+        before = self.out / "trials" / f"trial-{previous:04d}"
+        if before.is_dir():
+            os.replace(before, trial_dir)
+        twin = trial.user_attrs.get("pruning_trial")  # the user attributes are the earlier trial's until set again
+        if twin is not None:
+            stale = [t for t in self.pruning.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                     if t.number == twin]
+            if stale:
+                self.pruning.tell(twin, state=TrialState.FAIL)
+        trial.set_user_attr("retry_of", previous)
+        log.info("trial %d runs trial %d again (its worker stopped)%s", trial.number, previous,
+                 ", resuming from its checkpoints" if (trial_dir / "checkpoints").is_dir() else "")
+        return trial.user_attrs.get("mlflow_run_id")
+
     def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
         cfg = self.cfg
+        trial_dir = self.out / "trials" / f"trial-{trial.number:04d}"
+        shutil.rmtree(trial_dir, ignore_errors=True)
+        earlier_run = self._take_over(trial, trial_dir)
         solver = suggest_solver(trial, cfg, self.params.contour.solver)
         trial.set_user_attr("solver", tuned_keys(solver))
         twin = EpochPruning(self.pruning, trial.number)
         trial.set_user_attr("pruning_trial", twin.number)
-        trial_dir = self.out / "trials" / f"trial-{trial.number:04d}"
-        shutil.rmtree(trial_dir, ignore_errors=True)
         state = TrialState.FAIL
         pruned: optuna.TrialPruned | None = None
+        terminated = False
         tags = {"optuna.study": self.study.study_name, "optuna.trial": str(trial.number)}
         try:
             with Tracker("tune", parent_run_id=self.parent_run_id, tags=tags,
                          run_name=f"{self.study.study_name}/trial-{trial.number}") as tracker:
+                if earlier_run:
+                    tracker.close_abandoned(earlier_run)
                 trial.set_user_attr("mlflow_run_id", tracker.run_id)
                 tracker.log_params({"seed": self.params.seed, "trial": trial.number,
                                     **flatten(solver, "contour.solver."), **flatten(self.train_cfg, "tune.train.")})
@@ -191,9 +230,15 @@ class TrialRunner:
                     tracker.log_metrics(dict(zip(cfg.metric_names, values, strict=True)))
                     tracker.set_tags({"optuna.state": "COMPLETE"})
                     state = TrialState.COMPLETE
+        except Terminated:  # SIGTERM: Optuna marks the trial FAIL; it is queued again and resumes from here
+            terminated = True
+            if cfg.retries > 0:
+                retry_callback(cfg.retries)(self.study, self._frozen(trial))
+            raise
         finally:
             twin.finish(state)
-            shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
+            if not terminated:
+                shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
         if pruned is not None:
             raise pruned
         return values
@@ -222,13 +267,14 @@ def optimize(shards: Path, unet_checkpoint: Path, out: Path, params: Params, *, 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise NodesegError("nodeseg tune runs one process per worker: start it without torchrun "
                            "(--workers N for local processes)")
-    store = open_storage(storage)
+    store = open_storage(storage, heartbeat_s=params.tune.heartbeat_s, retries=params.tune.retries)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=params.seed + worker_index, constant_liar=True)
     study = load_study(store, study_name, sampler=sampler)
     _check_objective(study, params.tune, storage)
-    pruning = load_study(store, study_name + PRUNING_SUFFIX, pruner=make_pruner(params.tune))
+    # the twins are asked and told, never optimized: their storage beats no heartbeat
+    pruning = load_study(storage, study_name + PRUNING_SUFFIX, pruner=make_pruner(params.tune))
     runner = TrialRunner(shards, unet_checkpoint, out, params, study, pruning)
     try:
         study.optimize(runner, n_trials=n_trials, catch=TRIAL_FAILURES, gc_after_trial=True)
@@ -247,8 +293,9 @@ def _worker_main(shards: Path, unet_checkpoint: Path, out: Path, params: Params,
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     try:
-        optimize(shards, unet_checkpoint, out, params, storage=storage, study_name=study_name, n_trials=n_trials,
-                 worker_index=worker_index)
+        with sigterm_raises():  # the parent's terminate() on SIGTERM: the trial ends FAIL and is queued again
+            optimize(shards, unet_checkpoint, out, params, storage=storage, study_name=study_name,
+                     n_trials=n_trials, worker_index=worker_index)
     except BaseException as err:  # the parent quotes this line when the worker's exit code is not 0
         _worker_error(out, worker_index).write_text(f"{type(err).__name__}: {' '.join(str(err).split())}"[:2000])
         raise

@@ -46,6 +46,8 @@ class TuneConfig:
     prune_warmup_epochs: int = 0
     within_iou: float = 0.005  # objective iou: the chosen point is within this of the best IoU (0.005 = 0.5 points)
     within_loss: float = 0.05  # objective loss: within this fraction of the best validation loss
+    heartbeat_s: int = 60  # a worker's trial beats this often; silent for twice as long, it is taken for dead
+    retries: int = 1  # times a trial whose worker died or was stopped is run again (resuming its checkpoints)
 
     def __post_init__(self) -> None:
         check_arg(self.n_trials >= 1, "n_trials", self.n_trials, ">= 1")
@@ -77,6 +79,8 @@ class TuneConfig:
         check_arg(self.prune_warmup_epochs >= 0, "prune_warmup_epochs", self.prune_warmup_epochs, ">= 0")
         check_arg(self.within_iou >= 0, "within_iou", self.within_iou, ">= 0")
         check_arg(self.within_loss >= 0, "within_loss", self.within_loss, ">= 0")
+        check_arg(self.heartbeat_s >= 1, "heartbeat_s", self.heartbeat_s, ">= 1 (seconds)")
+        check_arg(self.retries >= 0, "retries", self.retries, ">= 0")
 
     @property
     def maximize(self) -> bool:

@@ -8,12 +8,15 @@ several worker processes can share one file.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial
 
 from nodeseg.errors import ConfigError
 
@@ -43,12 +46,21 @@ def _normalise(spec: str) -> tuple[str, str]:
     raise ConfigError(f"--storage {spec!r}: not a storage; expected one of {', '.join(FORMS)}")
 
 
-def open_storage(spec: str) -> BaseStorage:
-    """The Optuna storage ``spec`` names (see the module docstring); a sqlite or journal folder is created."""
+def open_storage(spec: str, *, heartbeat_s: int | None = None, retries: int = 0) -> BaseStorage:
+    """The Optuna storage ``spec`` names (see the module docstring); a sqlite or journal folder is created.
+
+    With ``heartbeat_s`` (RDB storages; Optuna's journal storage has no heartbeat) the trials a worker runs
+    beat that often, and a worker starting a trial marks a RUNNING trial silent for twice as long FAIL (its
+    worker was killed) and queues it again with the same parameters, at most ``retries`` times.
+    """
     kind, target = _normalise(spec)
     if kind == "journal":
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(target))
+    beat: dict[str, Any] = {}
+    if heartbeat_s is not None:
+        beat = {"heartbeat_interval": heartbeat_s, "grace_period": 2 * heartbeat_s,
+                "heartbeat_stale_trial_callback": retry_callback(retries) if retries > 0 else None}
     engine_kwargs: dict[str, object] = {"pool_pre_ping": True}
     if target.startswith("sqlite:"):
         db = target.split(":///", 1)[-1]
@@ -56,13 +68,24 @@ def open_storage(spec: str) -> BaseStorage:
             Path(db).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     try:
-        storage = RDBStorage(target, engine_kwargs=engine_kwargs)
+        with warnings.catch_warnings():  # the heartbeat arguments are "experimental" (since Optuna 2.9)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = RDBStorage(target, engine_kwargs=engine_kwargs, **beat)
     except ImportError as err:
         raise ConfigError(f"--storage {redact(target)!r}: no database driver ({err}); for PostgreSQL install "
                           "the kube extra (psycopg2-binary)") from None
     if target.startswith("sqlite:"):
         _begin_immediate(storage.engine)
     return storage
+
+
+def retry_callback(retries: int) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """Optuna's ``RetryHeartbeatStaleTrialCallback``: queue a trial again (WAITING, same parameters and user
+    attributes, ``failed_trial``/``retry_history`` in its system attributes) unless it was retried
+    ``retries`` times already."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=retries)
 
 
 def _begin_immediate(engine: Any) -> None:
