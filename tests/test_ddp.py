@@ -1,5 +1,5 @@
-"""DDP with real ``torchrun`` processes (gloo on 127.0.0.1): ranks end identical, and data-parallel training on a
-global batch equals one process on the same batch.
+"""DDP with real ``torchrun`` processes (gloo on 127.0.0.1): ranks end identical, data-parallel training on a
+global batch equals one process on the same batch, and a job stopped by SIGTERM resumes to the same weights.
 
 Every run goes through ``tests/ddp_driver.py``, which runs ``nodeseg.cli.main`` (what ``python -m nodeseg``
 runs) and dumps each rank's trained model, so ranks can be compared. Shards, params and the selected UNet
@@ -9,9 +9,11 @@ are made once for the module from the tiny params of ``tests/pipeline_params.py`
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -213,3 +215,49 @@ def test_s3_output_under_torchrun_is_published_by_rank_0_only(data: dict[str, Pa
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="runs/")["Contents"]}
     assert {"runs/pretrain/_SUCCESS", "runs/pretrain/checkpoints/epoch-0002.pt",
             "runs/pretrain/val_log.csv"} <= keys
+
+
+def test_sigterm_to_torchrun_stops_every_rank_and_the_job_resumes(data: dict[str, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deleted or preempted pod: torchrun passes SIGTERM on to its processes, which unwind (rank 0 ends its
+    MLflow run KILLED; the checkpoints stay); a new torchrun resumes to the uninterrupted job's weights."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # to read the job's store here
+
+    extra = [*EXACT, "pretrain.epochs=6"]
+    reference, dump, out = tmp_path / "reference", tmp_path / "dump", tmp_path / "run"
+
+    def job(target: Path, dumps: Path) -> list[str]:
+        return _torchrun("--standalone", "--nproc-per-node=2") + _stage(
+            "pretrain", dumps, "--shards", str(data["shards"]), "--out", str(target), extra=extra)
+
+    _run({"reference": [job(reference, tmp_path / "reference-dump")]}, tmp_path)
+    env = _env(tmp_path / "mlruns-terminated")
+    proc = subprocess.Popen(job(out, dump), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        first = ckpt.checkpoint_path(out / "checkpoints", 1)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not first.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-4000:]
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=TIMEOUT_S)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert output.count("nodeseg pretrain: stopped by SIGTERM; run the same command again") == 2, output[-4000:]
+    kept = [e for e, _ in ckpt.list_checkpoints(out / "checkpoints")]
+    assert 1 <= len(kept) < 6 and kept == list(range(1, len(kept) + 1))
+    client = MlflowClient((tmp_path / "mlruns-terminated").as_uri())
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED" and run.data.tags["nodeseg.error"] == "stopped by SIGTERM"
+
+    _run({"terminated": [job(out, dump)]}, tmp_path)  # the same command again
+    resumed = ckpt.load(ckpt.checkpoint_path(out / "checkpoints", 6))
+    _assert_identical(resumed["model"], ckpt.load(ckpt.checkpoint_path(reference / "checkpoints", 6))["model"])
+    runs = {r.info.status: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    assert set(runs) == {"KILLED", "FINISHED"}
+    assert runs["FINISHED"].data.tags["nodeseg.resumes_run"] == run.info.run_id
