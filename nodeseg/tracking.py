@@ -155,7 +155,8 @@ class Tracker:
     def resumes(self, checkpoint_run: str) -> None:
         """Record that this run resumes from a checkpoint written under ``checkpoint_run``, and close the runs
         that processes killed outright (SIGKILL, a lost node, the OOM killer) left RUNNING: that run, and the
-        runs that resumed from the same checkpoint before this one without ever writing one.
+        runs (of this experiment) that resumed from the same checkpoint before this one without ever writing
+        one.
 
         A closed run is marked KILLED and tagged ``nodeseg.restarted_as`` with this run's id; this run is
         tagged ``nodeseg.resumes_run``. A run another tracking store holds is only named.
@@ -163,27 +164,20 @@ class Tracker:
         if not self.enabled or self.run_id is None or not checkpoint_run or checkpoint_run == self.run_id:
             return
         from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
 
         self.set_tags({"nodeseg.resumes_run": checkpoint_run})
+        self.close_abandoned(checkpoint_run)
         client = MlflowClient()
-        try:
-            writer = client.get_run(checkpoint_run)
-        except MlflowException:  # another tracking store, or deleted
-            log.info("the checkpoint was written under MLflow run %s, which this tracking store does not hold",
-                     checkpoint_run)
-            return
-        abandoned = [writer] if writer.info.status == "RUNNING" else []
-        abandoned += [r for r in client.search_runs(
-            [writer.info.experiment_id],
-            filter_string=f"tags.`nodeseg.resumes_run` = '{checkpoint_run}' and attributes.status = 'RUNNING'")
-            if r.info.run_id != self.run_id]
-        for run in abandoned:
-            self._close(client, run.info.run_id)
+        experiment = client.get_run(self.run_id).info.experiment_id
+        for run in client.search_runs([experiment], filter_string=f"tags.`nodeseg.resumes_run` = '{checkpoint_run}' "
+                                                                  "and attributes.status = 'RUNNING'"):
+            if run.info.run_id != self.run_id:
+                self._close(client, run.info.run_id)
 
     def close_abandoned(self, run_id: str) -> None:
         """Mark ``run_id`` KILLED, tagged ``nodeseg.restarted_as`` with this run's id, if a process that did not
-        end it left it RUNNING (a tune trial run again after its worker died); otherwise leave it."""
+        end it left it RUNNING (killed outright); otherwise, or where this tracking store does not hold it,
+        leave it."""
         if not self.enabled or self.run_id is None or not run_id or run_id == self.run_id:
             return
         from mlflow import MlflowClient
@@ -193,6 +187,7 @@ class Tracker:
         try:
             status = client.get_run(run_id).info.status
         except MlflowException:  # another tracking store, or deleted
+            log.debug("MLflow run %s is not in this tracking store; left alone", run_id)
             return
         if status == "RUNNING":
             self._close(client, run_id)
