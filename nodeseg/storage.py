@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
@@ -341,6 +341,15 @@ def _relative_ok(rel: str) -> bool:
     return bool(rel) and not rel.startswith("/") and all(p not in ("", ".", "..") for p in parts)
 
 
+def file_states(root: Path) -> dict[str, tuple[int, int]]:
+    """(size, modification time in ns) of every file below ``root``, by path relative to it."""
+    states = {}
+    for rel, path in _tree_files(root):
+        st = path.stat()
+        states[rel] = (st.st_size, st.st_mtime_ns)
+    return states
+
+
 def _tree_files(root: Path) -> list[tuple[str, Path]]:
     files = []
     for dirpath, _dirs, names in os.walk(root):
@@ -474,11 +483,15 @@ def _read_marker(s3: Any, uri: str, bucket: str, prefix: str, s: S3Settings) -> 
 # ----------------------------------------------------------------------------------------------- upload
 
 
-def upload(local: str | os.PathLike[str], uri: str, *, settings: S3Settings | None = None) -> None:
+def upload(local: str | os.PathLike[str], uri: str, *, settings: S3Settings | None = None,
+           unchanged: Mapping[str, tuple[int, int]] | None = None) -> None:
     """Copy a file to the object ``uri``, or a folder tree under the prefix ``uri`` followed by its marker.
 
     Large files go in parts (``multipart_threshold``); a failed transfer is aborted and retried with backoff
     while the failure is transient, then :class:`StorageError` is raised. No partial object is ever visible.
+    ``unchanged`` (a folder downloaded from ``uri``: :func:`file_states` right after the download) names the
+    files already under the prefix as they are here; those whose size and modification time still match are
+    listed in the new marker but not sent again.
     """
     bucket, key = parse_s3(uri)
     src = Path(local)
@@ -491,7 +504,7 @@ def upload(local: str | os.PathLike[str], uri: str, *, settings: S3Settings | No
         _put_file(client(s), uri, bucket, key, src, s)
         log.info("uploaded %s to %s", src, uri)
     elif src.is_dir():
-        _put_tree(client(s), uri, bucket, key.rstrip("/"), src, s)
+        _put_tree(client(s), uri, bucket, key.rstrip("/"), src, s, unchanged or {})
     else:
         raise InputError(src, "does not exist (nothing to upload)")
 
@@ -529,7 +542,8 @@ def _abort_open_uploads(s3: Any, uri: str, bucket: str, key: str) -> None:
         log.warning("%s: could not check for leftover multipart uploads (%s)", uri, _describe(exc, bucket))
 
 
-def _put_tree(s3: Any, uri: str, bucket: str, prefix: str, src: Path, s: S3Settings) -> None:
+def _put_tree(s3: Any, uri: str, bucket: str, prefix: str, src: Path, s: S3Settings,
+              unchanged: Mapping[str, tuple[int, int]]) -> None:
     files = _tree_files(src)
     if any(rel == MARKER for rel, _ in files):
         raise InputError(
@@ -539,10 +553,15 @@ def _put_tree(s3: Any, uri: str, bucket: str, prefix: str, src: Path, s: S3Setti
     # Unpublish first, so that readers never pair an old marker with new objects.
     _retrying(uri, "upload", bucket, s, lambda: s3.delete_object(Bucket=bucket, Key=marker_key))
     sizes: dict[str, int] = {}
+    kept = 0
     for rel, path in files:
+        st = path.stat()
+        sizes[rel] = st.st_size
+        if unchanged.get(rel) == (st.st_size, st.st_mtime_ns):
+            kept += 1  # the object under the prefix is this file already
+            continue
         key = f"{prefix}/{rel}" if prefix else rel
         _put_file(s3, _url(bucket, key), bucket, key, path, s)
-        sizes[rel] = path.stat().st_size
     body = json.dumps({"format": MARKER_FORMAT, "files": sizes}, indent=1, sort_keys=True).encode()
     _retrying(
         uri,
@@ -551,7 +570,8 @@ def _put_tree(s3: Any, uri: str, bucket: str, prefix: str, src: Path, s: S3Setti
         s,
         lambda: s3.put_object(Bucket=bucket, Key=marker_key, Body=body, ContentType="application/json"),
     )
-    log.info("uploaded %s to %s (%d files, marker written)", src, uri, len(files))
+    log.info("uploaded %s to %s (%d files%s, marker written)", src, uri, len(files) - kept,
+             f"; {kept} unchanged since the download not sent again" if kept else "")
 
 
 # ----------------------------------------------------------------------------------------------- staging
@@ -601,7 +621,8 @@ def staged_output(
 
     With ``resume`` (training runs, whose checkpoints are each written atomically) a complete earlier upload
     under ``uri`` is downloaded first, so the stage resumes from it, and what the stage wrote is uploaded
-    even when it fails, so that a restarted job resumes from there. A process killed outright uploads
+    even when it fails (or is stopped by SIGTERM), so that a restarted job resumes from there; the files it
+    left as downloaded are not sent again. A process killed outright uploads
     nothing: keep checkpoints on a volume when that matters (see docs/storage.md).
 
     ``publish=False`` (data-parallel ranks other than 0, which write nothing) never uploads.
@@ -616,19 +637,22 @@ def staged_output(
     work = Path(tempfile.mkdtemp(prefix="nodeseg-out-", dir=cache / "work" if cache is not None else None))
     try:
         out = work / _local_name(bucket, key)
+        downloaded: dict[str, tuple[int, int]] = {}
         if resume and _has_marker(str(uri), bucket, key, settings):
             download(str(uri), out, settings=settings)
+            downloaded = file_states(out) if out.is_dir() else {}
         try:
             yield out
         except BaseException:
+            # only what the stage wrote is sent: after SIGTERM a pod has its grace period (30 s by default)
             if resume and publish and out.is_dir():
-                upload(out, str(uri), settings=settings)
+                upload(out, str(uri), settings=settings, unchanged=downloaded)
             raise
         if not publish:
             return
         if not out.exists():
             raise StorageError(f"{uri}: the stage wrote nothing to upload (expected {out})")
-        upload(out, str(uri), settings=settings)
+        upload(out, str(uri), settings=settings, unchanged=downloaded)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -530,6 +530,31 @@ def test_staged_input_and_output(bucket: str, tmp_path: Path, monkeypatch: pytes
     assert f"out/shards/{MARKER}" in _keys(bucket, "out/shards/")
 
 
+def test_resumed_output_sends_only_what_the_stage_wrote(bucket: str, proxy: FaultProxy, tmp_path: Path) -> None:
+    """A training output is downloaded, extended and published again, here on the failure path that SIGTERM
+    takes (a pod has its grace period, 30 s by default, for this): the files left as downloaded are not sent
+    again, and the new marker lists every file."""
+    uri = f"s3://{bucket}/run"
+    with storage.staged_output(uri, settings=FAST, resume=True) as out:
+        (out / "checkpoints").mkdir(parents=True)
+        for epoch in (1, 2):
+            (out / "checkpoints" / f"epoch-000{epoch}.pt").write_bytes(_payload(50_000 + epoch))
+        (out / "val_log.csv").write_text("epoch\n1\n2\n")
+    assert proxy.ops("PutObject") == 4  # three files and the marker
+    with pytest.raises(RuntimeError, match="stopped"):
+        with storage.staged_output(uri, settings=FAST, resume=True) as out:
+            assert sorted(storage.file_states(out)) == ["checkpoints/epoch-0001.pt", "checkpoints/epoch-0002.pt",
+                                                        "val_log.csv"]
+            (out / "checkpoints" / "epoch-0003.pt").write_bytes(_payload(50_003))
+            (out / "val_log.csv").write_text("epoch\n1\n2\n3\n")  # rewritten: sent again
+            raise RuntimeError("stopped")
+    assert proxy.ops("PutObject") == 4 + 3  # epoch-0003.pt, val_log.csv and the marker
+    back = storage.download(uri, tmp_path / "back", settings=FAST)
+    assert sorted(storage.file_states(back)) == [f"checkpoints/epoch-000{e}.pt" for e in (1, 2, 3)] + ["val_log.csv"]
+    assert (back / "checkpoints" / "epoch-0001.pt").read_bytes() == _payload(50_001)
+    assert (back / "val_log.csv").read_text() == "epoch\n1\n2\n3\n"
+
+
 def test_staged_output_uploads_nothing_on_failure(bucket: str, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="stage failed"):
         with storage.staged_output(f"s3://{bucket}/out/shards", settings=FAST) as out:
