@@ -27,7 +27,9 @@ def _headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
     """The figure of one result file, next to its goal."""
     rows = data.get("rows", [])
     if name == "ode_overhead":
-        return {"goal": "overhead <= 1.05", "overhead": {r["config"]: round(r["overhead"], 3) for r in rows}}
+        return {"goal": "overhead <= 1.05", "overhead": {r["config"]: round(r["overhead"], 3) for r in rows},
+                "overhead_machinery": {r["config"]: round(r["overhead_machinery"], 3) for r in rows
+                                       if "overhead_machinery" in r}}
     if name == "nfe_memory":
         return {"goal": "adjoint/direct peak memory <= 0.5 at equal NFE",
                 "memory_ratio": {r["solver"]: round(r["memory_ratio_adjoint_direct"], 3)

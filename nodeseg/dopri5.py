@@ -16,7 +16,8 @@ Same method, tableau, error norm, step-size control, callbacks and assertions as
 * **Quadrature beside the state** (``options["quadrature"]``, a :class:`Quadrature`): an integrand the
   dynamics report with each evaluation (``stash``) but that neither feeds back into them nor enters the
   error norm is summed with the solution weights over accepted steps only, instead of riding along in
-  every stage sum. The adjoint's parameter gradient is such an integrand (``nodeseg.adjoint``).
+  every stage sum. The adjoint's parameter gradient is such an integrand (``nodeseg.adjoint``). The solver
+  asks for it only at the evaluations whose integrand it sums (:meth:`Quadrature.ask`).
 * **Evaluations written straight into the stage storage** when no graph is being recorded (the adjoint's
   forward and backward solves, inference): a function with ``accepts_out`` (the tuple-state adapter
   below, the adjoint's dynamics) writes f into its row of ``k``, where torchdiffeq copies every f into
@@ -77,11 +78,26 @@ class Quadrature:
     step's first q is the previous step's last; the solver adds ``dt·Σᵢ bᵢ qᵢ`` (the solution weights) to
     ``total`` when a step is accepted: the sum the Runge–Kutta state would have carried for q, without q in
     any stage input or error estimate.
+
+    The solver asks for q (:meth:`ask`) only before an evaluation whose q it will use: not for the second
+    stage (b₂ = 0) nor for the initial-step probe. The dynamics call :meth:`asked` once per evaluation and
+    stash ``None`` where the answer is False, so they can leave q uncomputed (for the adjoint: fθ's weight
+    gradients, about a third of an evaluation's cost).
     """
 
     def __init__(self, total: Sequence[Tensor]) -> None:
         self.total = list(total)
-        self.stash: list[Sequence[Tensor | None]] = []
+        self.stash: list[Sequence[Tensor | None] | None] = []
+        self._asked = False
+
+    def ask(self) -> None:
+        """The next evaluation's q will be used."""
+        self._asked = True
+
+    def asked(self) -> bool:
+        """Whether this evaluation's q will be used (resets the request: one evaluation each)."""
+        asked, self._asked = self._asked, False
+        return asked
 
     def add(self, q: Sequence[Tensor | None], weight: float) -> None:
         """``total += weight · q`` (one multi-tensor operation over the non-zero parts)."""
@@ -237,6 +253,10 @@ class FastDopri5Solver(Dopri5Solver):
         self._n_stages = len(tab.alpha) + 1
         self._nonzero_beta = [_nonzero(b) for b in tab.beta]  # the tableau's zeros pass no gradient
         self._nonzero_error, self._nonzero_mid = _nonzero(tab.c_error), _nonzero(self.mid)
+        # the stages whose quadrature integrand is used: a non-zero solution weight, or the last (FSAL: the
+        # next step's first) unless the step ends the solve
+        self._q_weighted = _nonzero(tab.c_sol)
+        self._t_end: Tensor | None = None
         self._rtol_zero = self.atol.ndim == 0 and bool((self.rtol == 0).all())
         self._writes_out = isinstance(self.func, _LeanPerturbFunc) and getattr(self.func.base_func, "accepts_out", False)
 
@@ -256,9 +276,12 @@ class FastDopri5Solver(Dopri5Solver):
             k[0] = f0.reshape(-1)
             yi = y0
             direct = self._writes_out  # no graph: f goes straight into its row of k
+            q = self.quadrature
             for i, (alpha_i, beta_i) in enumerate(zip(tab.alpha, tab.beta, strict=True)):
                 ti, perturb = (t1, Perturb.PREV) if alpha_i == 1.0 else (t0 + alpha_i * dt, Perturb.NONE)
                 yi = torch.addmv(y0_flat, k[: i + 1].t(), beta_i * dt).view(shape)
+                if q is not None and (self._q_weighted[i + 1] or (i + 2 == self._n_stages and t1 < self._t_end)):
+                    q.ask()
                 if direct:
                     self.func(ti, yi, perturb=perturb, out=k[i + 1].view(shape))
                 else:
@@ -306,18 +329,22 @@ class FastDopri5Solver(Dopri5Solver):
         q = self.quadrature
         if q is not None:
             q.stash.clear()
+            q.ask()  # f0's q is the first step's first; an initial-step probe's is not used
+        self._t_end = t[-1]
         super()._before_integrate(t)
         if q is not None:  # the first evaluation is f0 at (t0, y0); a second may choose the first step
             self._q_first = q.stash[0]
             q.stash.clear()
 
-    def _accumulate(self, dt: Tensor, next_first: Sequence[Tensor | None]) -> None:
-        """Add the accepted step's ``dt·Σ bᵢ qᵢ`` to the quadrature; ``next_first`` is q at its end point."""
+    def _accumulate(self, dt: Tensor, next_first: Sequence[Tensor | None] | None) -> None:
+        """Add the accepted step's ``dt·Σ bᵢ qᵢ`` to the quadrature; ``next_first`` is q at its end point
+        (None where the step ends the solve)."""
         q = self.quadrature
-        assert q is not None and self._q_first is not None
+        assert q is not None
         stages = [self._q_first, *q.stash[: self._n_stages - 1]]
         for b, qi in zip(self.tableau.c_sol.tolist(), stages, strict=True):
             if b != 0.0:
+                assert qi is not None, "a stage with a solution weight was evaluated without its integrand"
                 q.add(qi, float(dt) * b)
         self._q_first = next_first
 
@@ -390,6 +417,8 @@ class FastDopri5Solver(Dopri5Solver):
             if on_jump_t:
                 if self.next_jump_index != len(self.jump_t) - 1:
                     self.next_jump_index += 1
+                if self.quadrature is not None:
+                    self.quadrature.ask()
                 f1 = self.func(t_next, y_next, perturb=Perturb.NEXT)
             if self.quadrature is not None:
                 self._accumulate(dt, self.quadrature.stash[-1])

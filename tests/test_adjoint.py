@@ -138,9 +138,13 @@ class _Counting(torch.nn.Module):
         return self.func(t, y)
 
 
-def _lean_gradients(quadrature: bool, seminorm: bool = True) -> tuple[Tensor, int]:
-    """∂L/∂(y0, θ) through lean_odeint_adjoint with dopri5 (float64, three output times); backward NFE."""
+def _lean_gradients(quadrature: bool, seminorm: bool = True, weight_vjps: list[int] | None = None
+                    ) -> tuple[Tensor, int]:
+    """∂L/∂(y0, θ) through lean_odeint_adjoint with dopri5 (float64, three output times); backward NFE.
+    ``weight_vjps`` (a one-element list) counts the evaluations that computed fθ's weight gradients."""
     f = _flow()
+    if weight_vjps is not None:
+        f.out.weight.register_hook(lambda g: weight_vjps.__setitem__(0, weight_vjps[0] + 1))
     func = _Counting(f)
     y0 = torch.randn(2, 5, 12, 12, dtype=F64, requires_grad=True)
     t = torch.linspace(0, 1, 3, dtype=F64)
@@ -167,3 +171,22 @@ def test_parameter_quadrature_equals_carrying_the_parameters_in_the_state() -> N
     # the full norm keeps g in the error control, so the parameters stay in the state there
     full, nb_full = _lean_gradients(quadrature=True, seminorm=False)
     assert nb_full > nb_state
+
+
+def test_the_quadrature_computes_weight_gradients_only_where_they_are_summed() -> None:
+    """dopri5's second stage has solution weight 0, the initial-step probe's integrand is not summed, and a
+    step that ends a backward interval leaves its last stage's (first-same-as-last) integrand unused: those
+    evaluations take the VJP with respect to the state alone. Carrying g in the state computes it everywhere.
+    The gradients are the same (the test above); here, how many weight gradients each path computes."""
+    counted_quad, counted_state = [0], [0]
+    _, nb_quad = _lean_gradients(quadrature=True, weight_vjps=counted_quad)
+    _, nb_state = _lean_gradients(quadrature=False, weight_vjps=counted_state)
+    counted_quad[0] -= 1  # the hook also sees the final gradient handed to the leaf
+    counted_state[0] -= 1
+    assert counted_state[0] == nb_state  # in the state: every evaluation
+    # 2 intervals, each: f0, the initial-step probe, then 6 evaluations per attempted step
+    steps, rest = divmod(nb_quad - 2 * 2, 6)
+    assert rest == 0 and steps >= 4
+    # summed: each interval's f0, stages 3–6 of every step, and stage 7 except where a step lands on an
+    # interval's end (at least once per interval)
+    assert 2 + 4 * steps <= counted_quad[0] <= 2 + 5 * steps - 2

@@ -19,7 +19,7 @@ KITS19 = SHARED_DATA / "kits19-interpolated"
 # what each result must hold: top-level keys, and the keys of the rows under ``rows_key``
 EXPECTED = {
     "ode_overhead": ("rows", {"config", "nfe_forward", "nfe_backward", "step_s", "rest_s", "f_s", "f_vjp_s",
-                              "overhead"}),
+                              "f_vjp_y_s", "weight_vjps", "overhead", "overhead_machinery"}),
     "nfe_memory": ("adjoint_vs_direct", {"solver", "nfe_forward", "peak_adjoint_MiB", "peak_direct_MiB",
                                          "memory_ratio_adjoint_direct", "time_ratio_adjoint_direct"}),
     "flops": ("rows", {"config", "variant", "gflop_per_step", "achieved_gflops", "peak_gflops", "ratio_to_peak"}),
