@@ -109,9 +109,9 @@ def _variants(kind: str, preset: str, size: int, batch: int, device: torch.devic
     if compile_:
         m = _model(kind, preset, device)
         if kind == "unet":
-            m = torch.compile(m)
+            m = torch.compile(m, dynamic=False)
         else:  # the solver's loop stays in Python: compile fθ, which it calls NFE times
-            m.solver.counter.func = torch.compile(m.solver.counter.func)
+            m.solver.counter.func = torch.compile(m.solver.counter.func, dynamic=False)
         out["compile"] = _step_fn(m, image, phi)
     if device.type == "cuda":
         tf32 = _model(kind, preset, device)
@@ -142,7 +142,9 @@ def measure(name: str, kind: str, preset: str, size: int, batch: int, device: to
             fn()  # compile happens here, outside the timing
             fns[v] = fn
         except Exception as err:  # noqa: BLE001 - a variant that cannot run here is a result too
-            notes[v] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            # the cause as well: inductor's first line is only "backend='inductor' raised:"
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            notes[v] = f"{type(err).__name__}: {' '.join(lines[:2])[:240]}"
     threads = torch.get_num_threads()
     times = common.interleaved(fns, reps=reps, warmup=1, device=device, clock=clock)
     # one thread: the eager step and the peak again (the figure per core)
