@@ -80,9 +80,9 @@ class Quadrature:
     any stage input or error estimate.
 
     The solver asks for q (:meth:`ask`) only before an evaluation whose q it will use: not for the second
-    stage (b₂ = 0) nor for the initial-step probe. The dynamics call :meth:`asked` once per evaluation and
-    stash ``None`` where the answer is False, so they can leave q uncomputed (for the adjoint: fθ's weight
-    gradients, about a third of an evaluation's cost).
+    stage (b₂ = 0), the initial-step probe, or the last stage of a step that ends the solve. The dynamics
+    call :meth:`asked` once per evaluation and stash ``None`` where the answer is False, so they can leave q
+    uncomputed (for the adjoint: fθ's weight gradients, about a third of an evaluation's cost).
     """
 
     def __init__(self, total: Sequence[Tensor]) -> None:
@@ -253,10 +253,8 @@ class FastDopri5Solver(Dopri5Solver):
         self._n_stages = len(tab.alpha) + 1
         self._nonzero_beta = [_nonzero(b) for b in tab.beta]  # the tableau's zeros pass no gradient
         self._nonzero_error, self._nonzero_mid = _nonzero(tab.c_error), _nonzero(self.mid)
-        # the stages whose quadrature integrand is used: a non-zero solution weight, or the last (FSAL: the
-        # next step's first) unless the step ends the solve
-        self._q_weighted = _nonzero(tab.c_sol)
-        self._t_end: Tensor | None = None
+        self._weighted = _nonzero(tab.c_sol)  # the stages in the solution (and in the quadrature's sum)
+        self._t_end: Tensor | None = None  # the last output time of the current solve
         self._rtol_zero = self.atol.ndim == 0 and bool((self.rtol == 0).all())
         self._writes_out = isinstance(self.func, _LeanPerturbFunc) and getattr(self.func.base_func, "accepts_out", False)
 
@@ -280,7 +278,7 @@ class FastDopri5Solver(Dopri5Solver):
             for i, (alpha_i, beta_i) in enumerate(zip(tab.alpha, tab.beta, strict=True)):
                 ti, perturb = (t1, Perturb.PREV) if alpha_i == 1.0 else (t0 + alpha_i * dt, Perturb.NONE)
                 yi = torch.addmv(y0_flat, k[: i + 1].t(), beta_i * dt).view(shape)
-                if q is not None and (self._q_weighted[i + 1] or (i + 2 == self._n_stages and t1 < self._t_end)):
+                if q is not None and self._sums_integrand(i + 1, t1):
                     q.ask()
                 if direct:
                     self.func(ti, yi, perturb=perturb, out=k[i + 1].view(shape))
@@ -297,6 +295,12 @@ class FastDopri5Solver(Dopri5Solver):
             fs.append(_Store.apply(self.func(ti, yi, perturb=perturb).reshape(-1), k[i + 1]))
         error = _stage_sum(None, tab.c_error, self._nonzero_error, dt, k, fs).view(shape)
         return yi, fs[-1].view(shape), error, k, tuple(fs)
+
+    def _sums_integrand(self, stage: int, t1: Tensor) -> bool:
+        """Whether the quadrature uses the integrand of ``stage`` in a step ending at ``t1``: a stage with a
+        solution weight, or the last stage (first-same-as-last: the next step's first) unless the step ends
+        the solve, where no next step follows (if the step is rejected, its last stage is not used at all)."""
+        return self._weighted[stage] or (stage == self._n_stages - 1 and bool(t1 < self._t_end))
 
     def _error_ratio(self, y1_error: Tensor, y0: Tensor, y1: Tensor) -> Tensor:
         if self._rtol_zero:
