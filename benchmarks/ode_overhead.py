@@ -20,9 +20,9 @@ too. The adjoint's backward solve takes the weight gradients only at evaluations
 integrand is summed (``nodeseg.dopri5.Quadrature``); the others cost ``f+vjp_y`` (the VJP with respect to
 the state alone, timed too). ``overhead_machinery`` counts them at that cost in the denominator: the
 solver's own excess, with the saving of the skipped weight gradients taken out. What is left over is the
-solver's own arithmetic (Runge–Kutta stage sums, error norms, step control,
-dense output), the adjoint's augmented state (flattening, zero-filled VJPs, re-integrating y backwards),
-the tuple-state concatenation and nodeseg's counting/cap callbacks. fθ's last layer is perturbed from zero
+solver's own arithmetic (Runge–Kutta stage sums, error norms, step control, dense output), the adjoint's
+augmented state (flattening, zero-filled VJPs, re-integrating y backwards), the tuple-state concatenation
+and nodeseg's counting/cap callbacks. fθ's last layer is perturbed from zero
 (:func:`benchmarks.common.perturb_zero_init`) so that the flow is not the identity, and Adam runs with
 lr 0 so that the weights (and therefore NFE) stay the same in every repetition.
 """
