@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import json
 from pathlib import Path
 
@@ -52,8 +54,17 @@ def test_evaluate_writes_the_table_and_figures(run: dict[str, Path], tmp_path: P
         for key in ("iou", "adaptive_fbeta", "weighted_fbeta", "mean_nfe"):
             assert 0.0 <= summary[name][key] <= (1.0 if key != "mean_nfe" else 1e4)
     assert summary["unet"]["mean_nfe"] == 0 and summary["contour"]["mean_nfe"] > 0
+    for name in models:
+        assert 0.0 <= summary[name]["dice"] <= 1.0 and summary[name]["hd95_mm"] >= 0.0
+        assert 0.0 <= summary[name]["nsd_2px"] <= 1.0 and summary[name]["components_error"] >= 0.0
     table = (tmp_path / "table.md").read_text()
-    assert "Contour Evolution" in table and "Image Evolution" in table
+    assert "Contour Evolution" in table and "Image Evolution" in table and "HD95 (mm)" in table
+    rows = list(csv.DictReader((tmp_path / "per_slice.csv").open()))
+    n_val = summary["n_val"]
+    assert len(rows) == 3 * n_val and {r["model"] for r in rows} == set(models)
+    unet_rows = [r for r in rows if r["model"] == "unet"]
+    tp, fp, fn = (sum(int(r[k]) for r in unet_rows) for k in ("tp", "fp", "fn"))
+    assert summary["unet"]["iou"] == pytest.approx(tp / (tp + fp + fn))  # the per-slice counts pool to the IoU
     for fig in ("fig3_predictions.png", "fig1_contour_evolution.png", "fig1_image_evolution.png"):
         assert (tmp_path / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "registry.json").read_text())["promoted"] is False
