@@ -1,0 +1,331 @@
+"""Accuracy with confidence: UNet, Contour Evolution, Image Evolution and MONAI's UNet over seeds and patients.
+
+``python -m benchmarks.accuracy --dataset phantom|kits19|folder [--folder DIR] [--seeds 0,1,2] [--quick]``
+
+For each seed the real stage functions run on one set of shards — ``pretrain`` → ``select`` → ``refine`` →
+``image_evolve`` → ``evaluate`` — with ``params.yaml`` (plus the data set's overrides and ``--set``), and
+MONAI's ``UNet`` is trained with Dice+CE on the same shards and step budget (``benchmarks/baseline_monai.py``).
+Every model is scored by ``nodeseg``'s metric code, image by image (``evaluate``'s ``per_slice.csv``).
+
+Statistics. The unit of resampling is the validation patient (case), never the pixel or the slice. A model's
+figure is the mean over seeds of its per-seed value (pooled IoU: TP/(TP+FP+FN) summed over the set; Dice,
+HD95, ASD, surface Dice, |Δ components|: means over images); its 95 % interval is the percentile interval of
+that seed-mean over ``--bootstrap`` resamples of the patients (the same resample for every seed and model, so
+differences are paired). ``Contour − UNet`` and ``Image − UNet`` pair each seed's model with that seed's UNet
+(Contour Evolution refines that UNet). The spread over seeds is shown beside (min–max), since the patient
+bootstrap does not include it.
+
+Data sets:
+
+- ``phantom``: the default pipeline's data (``nodeseg generate`` with the ``phantom`` section, 64²) and its
+  params, unchanged.
+- ``kits19``: the 210 real KiTS19 label volumes in ``../shared/data/kits19-interpolated`` with pseudo-CT
+  (``ingest.pseudo_ct``) at 200×200, split 168/42 by patient as the paper; the benchmark then keeps
+  ``--train-cases`` of the 168 training and ``--val-cases`` of the 42 validation patients (the first of each,
+  sorted by id) and every ``--stride``-th kidney slice, so that 3 seeds fit 2 CPU cores.
+- ``folder``: any image+mask folder (``data.source: saliency``) given by ``--folder``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import RESULTS, SHARED_DATA
+from nodeseg.data.shardio import ShardWriter, read_manifest, read_records, shard_files
+from nodeseg.params import Params, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("unet", "contour", "image", "monai")
+NAMES = {"unet": "UNet (nodeseg)", "contour": "Contour Evolution", "image": "Image Evolution",
+         "monai": "MONAI UNet (Dice+CE)"}
+METRICS = ("iou", "dice", "hd95_mm", "asd_mm", "nsd_1px", "nsd_2px", "components_error")
+HIGHER_BETTER = {"iou": True, "dice": True, "hd95_mm": False, "asd_mm": False, "nsd_1px": True, "nsd_2px": True,
+                 "components_error": False}
+#: overrides of each data set on top of params.yaml (and before --set)
+DATASET_SETS: dict[str, list[str]] = {
+    "phantom": [],
+    "kits19": ["ingest.size=200", "ingest.pseudo_ct=true", "data.source=kits19", "pretrain.epochs=8",
+               "pretrain.max_batches_per_epoch=40", "refine.epochs=3", "refine.max_batches_per_epoch=20",
+               "image_evolve.epochs=6", "image_evolve.max_batches_per_epoch=30"],
+    "folder": ["data.source=saliency"],
+}
+QUICK_SETS = ["phantom.n_cases=6", "phantom.n_slices=12", "phantom.shape=[64,64]", "ingest.size=32",
+              "pretrain.epochs=2", "refine.epochs=1", "image_evolve.epochs=1", "pretrain.max_batches_per_epoch=3",
+              "refine.max_batches_per_epoch=2", "image_evolve.max_batches_per_epoch=2", "evaluate.figure_samples=0",
+              "evaluate.register=false", "select.samples=2", "pretrain.select_samples=2", "refine.select_samples=2",
+              "image_evolve.select_samples=2"]
+
+
+# ----------------------------------------------------------------------------------------------- the data
+
+
+def _subset_shards(src: Path, dst: Path, keep: dict[str, set[str]], stride: int) -> dict[str, Any]:
+    """Copy the rows of ``keep[split]``'s cases (every ``stride``-th kept slice of each) into new shards."""
+    manifest = read_manifest(src)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    splits: dict[str, Any] = {}
+    for split, cases in keep.items():
+        seen: dict[str, int] = defaultdict(int)
+        with ShardWriter(tmp / split) as writer:
+            for rec in read_records(shard_files(src, split)):
+                if rec.case_id in cases:
+                    if seen[rec.case_id] % stride == 0:
+                        writer.write(rec)
+                    seen[rec.case_id] += 1
+            files = writer.close()
+        splits[split] = {"rows": writer.rows_written, "items": len(cases), "cases": sorted(cases),
+                         "files": [str(f.relative_to(tmp)) for f in files]}
+    manifest.update(splits=splits, rows=sum(s["rows"] for s in splits.values()),
+                    subset={"of": str(src), "stride": stride, "cases": {k: len(v) for k, v in keep.items()}})
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return manifest
+
+
+def prepare(dataset: str, work: Path, params: Params, args: argparse.Namespace) -> Path:
+    """Build (or reuse) the shards of ``dataset`` under ``work``; returns the shards folder."""
+    from nodeseg.stages.generate import generate
+    from nodeseg.stages.preprocess import preprocess
+
+    shards = work / "shards"
+    if (shards / "manifest.json").is_file() and not args.rebuild:
+        return shards
+    if dataset == "phantom":
+        generate(work / "raw", params)
+        preprocess(work / "raw", shards, params)
+    elif dataset == "folder":
+        preprocess(Path(args.folder), shards, params)
+    else:
+        root = Path(args.kits_root)
+        if not root.is_dir():
+            raise SystemExit(f"accuracy: no KiTS19 label volumes at {root} (set --kits-root)")
+        full = work / "shards-210"
+        if not (full / "manifest.json").is_file() or args.rebuild:
+            preprocess(root, full, params)
+        split = read_manifest(full)["splits"]
+        keep = {"train": set(sorted(split["train"]["cases"])[: args.train_cases]),
+                "val": set(sorted(split["val"]["cases"])[: args.val_cases])}
+        _subset_shards(full, shards, keep, args.stride)
+    return shards
+
+
+# ----------------------------------------------------------------------------------------------- one seed
+
+
+def run_seed(shards: Path, out: Path, params_path: str, sets: list[str], seed: int) -> dict[str, Any]:
+    """Train and score every model for ``seed`` (params: ``params_path`` + ``sets``); per-slice rows, records."""
+    from benchmarks.baseline_monai import train_monai_baseline
+    from nodeseg.data.shards import SliceDataset
+    from nodeseg.stages.evaluate import evaluate, score
+    from nodeseg.stages.image_evolve import image_evolve
+    from nodeseg.stages.pretrain import pretrain
+    from nodeseg.stages.refine import refine
+    from nodeseg.stages.select import select_checkpoint
+
+    p = load_params([params_path], [*sets, f"seed={seed}", "evaluate.register=false"])
+    times: dict[str, float] = {}
+
+    def timed(name: str, fn: Any, *a: Any) -> Any:
+        t0 = time.perf_counter()
+        result = fn(*a)
+        times[name] = round(time.perf_counter() - t0, 1)
+        print(f"  seed {seed}: {name} {times[name]} s", flush=True)
+        return result
+
+    timed("pretrain", pretrain, shards, out / "pretrain", p)
+    timed("select", select_checkpoint, out / "pretrain", out / "select", p.select)
+    timed("refine", refine, shards, out / "select" / "model.pt", out / "refine", p)
+    timed("image_evolve", image_evolve, shards, out / "image_evolve", p)
+    summary = timed("evaluate", evaluate, shards, {"unet": out / "select" / "model.pt",
+                                                  "contour": out / "refine" / "model.pt",
+                                                  "image": out / "image_evolve" / "model.pt"}, out / "evaluate", p)
+    with (out / "evaluate" / "per_slice.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    monai_model, record = timed("monai", train_monai_baseline, str(shards), p, seed)
+    monai_rows: list[dict[str, Any]] = []
+    summary["monai"] = score(monai_model, SliceDataset(shards, "val"), p.evaluate, per_slice=monai_rows)
+    rows += [{"model": "monai", **r} for r in monai_rows]
+    return {"rows": rows, "summary": {m: summary[m] for m in MODELS}, "seconds": times, "monai": record}
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def _tables(rows: list[dict[str, Any]], cases: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Per model, per case arrays: tp, fp, fn sums and per-metric (sum, count) over the case's slices."""
+    index = {c: i for i, c in enumerate(cases)}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for model in MODELS:
+        t = {k: np.zeros(len(cases)) for k in ("tp", "fp", "fn")}
+        for m in METRICS[1:]:
+            t[m + "_sum"], t[m + "_n"] = np.zeros(len(cases)), np.zeros(len(cases))
+        for r in rows:
+            if r["model"] != model:
+                continue
+            i = index[r["case_id"]]
+            for k in ("tp", "fp", "fn"):
+                t[k][i] += float(r[k])
+            for m in METRICS[1:]:
+                v = (abs(float(r["components_pred"]) - float(r["components_gt"])) if m == "components_error"
+                     else float(r[m]))
+                if not math.isnan(v):
+                    t[m + "_sum"][i] += v
+                    t[m + "_n"][i] += 1
+        out[model] = t
+    return out
+
+
+def _stat(t: dict[str, np.ndarray], weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Each metric for every resample: ``weights`` (B, n_cases) counts how often each case was drawn."""
+    tp, fp, fn = weights @ t["tp"], weights @ t["fp"], weights @ t["fn"]
+    res = {"iou": np.divide(tp, tp + fp + fn, out=np.zeros_like(tp), where=(tp + fp + fn) > 0)}
+    for m in METRICS[1:]:
+        s, n = weights @ t[m + "_sum"], weights @ t[m + "_n"]
+        res[m] = np.divide(s, n, out=np.full_like(s, np.nan), where=n > 0)
+    return res
+
+
+def statistics(per_seed: dict[int, list[dict[str, Any]]], n_boot: int, seed: int = 12345) -> dict[str, Any]:
+    """Point estimates, patient-bootstrap intervals and paired differences (see the module docstring)."""
+    cases = sorted({r["case_id"] for rows in per_seed.values() for r in rows})
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(cases), size=(n_boot, len(cases)))
+    weights = np.zeros((n_boot + 1, len(cases)))
+    weights[0] = 1.0  # row 0: the observed set
+    np.add.at(weights[1:], (np.arange(n_boot)[:, None], draws), 1.0)
+    stats = {s: {m: _stat(t, weights) for m, t in _tables(rows, cases).items()} for s, rows in per_seed.items()}
+    seeds = sorted(stats)
+
+    def summarise(values: np.ndarray) -> dict[str, Any]:  # (seeds, 1 + n_boot)
+        mean = np.nanmean(values, axis=0)
+        lo, hi = np.nanpercentile(mean[1:], [2.5, 97.5])
+        return {"mean": float(mean[0]), "ci95": [float(lo), float(hi)],
+                "per_seed": [float(v) for v in values[:, 0]]}
+
+    models = {m: {k: summarise(np.stack([stats[s][m][k] for s in seeds])) for k in METRICS} for m in MODELS}
+    diffs = {}
+    for other in ("contour", "image", "monai"):
+        diffs[f"{other}-unet"] = {k: summarise(np.stack([stats[s][other][k] - stats[s]["unet"][k] for s in seeds]))
+                                  for k in METRICS}
+    return {"n_cases": len(cases), "n_boot": n_boot, "seeds": seeds, "models": models, "differences": diffs}
+
+
+def _cell(s: dict[str, Any], digits: int = 4) -> str:
+    if math.isnan(s["mean"]):
+        return "n/a"
+    return f"{s['mean']:.{digits}f} [{s['ci95'][0]:.{digits}f}, {s['ci95'][1]:.{digits}f}]"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The models' table and the paired differences, with intervals."""
+    st = result["statistics"]
+    head = ("| model | IoU | Dice | HD95 (mm) | ASD (mm) | surface Dice 1 px | surface Dice 2 px | \\|Δ components\\| "
+            "| IoU per seed |")
+    lines = [f"### {result['dataset']}: {st['n_cases']} validation patients, seeds {st['seeds']}, "
+             f"{st['n_boot']} patient bootstraps (mean [95 % interval])", "", head, "|---" * 9 + "|"]
+    digits = {"hd95_mm": 2, "asd_mm": 2, "components_error": 2}
+    for m in MODELS:
+        s = st["models"][m]
+        lines.append(f"| {NAMES[m]} | " + " | ".join(_cell(s[k], digits.get(k, 4)) for k in METRICS)
+                     + " | " + ", ".join(f"{v:.4f}" for v in s["iou"]["per_seed"]) + " |")
+    lines += ["", "| paired difference | " + head.split("| model | ")[1].replace("IoU per seed", "IoU per seed"),
+              "|---" * 9 + "|"]
+    for key, s in st["differences"].items():
+        a, b = key.split("-")
+        lines.append(f"| {NAMES[a]} − {NAMES[b]} | " + " | ".join(_cell(s[k], digits.get(k, 4)) for k in METRICS)
+                     + " | " + ", ".join(f"{v:+.4f}" for v in s["iou"]["per_seed"]) + " |")
+    verdict = []
+    for key, label in (("contour-unet", "Contour Evolution beats its UNet"),
+                       ("image-unet", "Image Evolution at least matches its UNet")):
+        iou = st["differences"][key]["iou"]
+        held = iou["ci95"][0] > 0 if key == "contour-unet" else iou["ci95"][0] > -0.005
+        verdict.append(f"- {label} (IoU, paired interval {'above 0' if key == 'contour-unet' else 'above −0.005'}): "
+                       f"**{'holds' if held else 'does not hold'}** ({_cell(iou)})")
+    gap = st["models"]["unet"]["iou"]["mean"] - st["models"]["monai"]["iou"]["mean"]
+    verdict.append(f"- nodeseg's UNet against MONAI's: {gap:+.4f} IoU (goal: ≥ −0.02): "
+                   f"**{'fair' if gap >= -0.02 else 'weaker'}**")
+    return "\n".join(lines + [""] + verdict) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=tuple(DATASET_SETS), default="phantom")
+    p.add_argument("--folder", type=Path, help="--dataset folder: an image+mask folder")
+    p.add_argument("--kits-root", type=Path, default=SHARED_DATA / "kits19-interpolated")
+    p.add_argument("--train-cases", type=int, default=168)
+    p.add_argument("--val-cases", type=int, default=42)
+    p.add_argument("--stride", type=int, default=1, help="kits19: every N-th kidney slice of a case")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--params", default=str(REPO / "params.yaml"))
+    p.add_argument("--set", action="append", default=[], help="a params override key=value (repeatable)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 2 seeds: prove that it runs")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the shards even if present")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--work", type=Path, default=None, help="where runs go (default: <out>/accuracy-<dataset>)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--clock", default=None)
+    p.add_argument("--reps", default=None)
+    args = p.parse_args(argv)
+    if args.dataset == "folder" and args.folder is None:
+        p.error("--dataset folder needs --folder DIR")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.quick:
+        seeds = seeds[:2]
+    sets = [*DATASET_SETS[args.dataset], *(QUICK_SETS if args.quick else []), *args.set,
+             f"device={args.device}"]
+    if args.dataset == "kits19" and args.quick:
+        sets += ["ingest.size=48"]
+    name = f"accuracy_{args.dataset}" + ("_quick" if args.quick else "")
+    work = args.work or args.out / name
+    work.mkdir(parents=True, exist_ok=True)
+    data_params = load_params([args.params], [*sets, "seed=0"])
+    t0 = time.perf_counter()
+    shards = prepare(args.dataset, work, data_params, args)
+    manifest = read_manifest(shards)
+    per_seed, records = {}, {}
+    for seed in seeds:
+        print(f"=== {name}: seed {seed}", flush=True)
+        out = work / f"seed-{seed}"
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run per seed: no resume across settings
+        run = run_seed(shards, out, args.params, sets, seed)
+        per_seed[seed] = run["rows"]
+        records[seed] = {k: run[k] for k in ("summary", "seconds", "monai")}
+    result = {
+        "benchmark": "accuracy", "dataset": args.dataset, "quick": args.quick, "overrides": sets,
+        "shards": {"rows": manifest["rows"], "splits": {k: {"rows": v["rows"], "items": v["items"]}
+                                                        for k, v in manifest["splits"].items()},
+                   "subset": manifest.get("subset")},
+        "statistics": statistics(per_seed, args.bootstrap), "runs": records,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    text = markdown(result)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
