@@ -20,7 +20,7 @@ from typing import Any
 
 from benchmarks.common import REPO, RESULTS, load_average
 
-SCRIPTS = ("ode_overhead", "nfe_memory", "flops", "ingest", "inference", "solver_peers")
+SCRIPTS = ("ode_overhead", "nfe_memory", "flops", "ingest", "inference", "solver_peers", "accuracy")
 
 
 def _headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -48,6 +48,13 @@ def _headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
         return {"goal": "wrapper/torchdiffeq <= 1.05",
                 "ratio_to_torchdiffeq": {f"{r['config']} {r['backprop']} [{r['solver']}]":
                                          round(r["ratio_to_torchdiffeq"], 3) for r in rows}}
+    if name == "accuracy":
+        out = {"goal": "Contour − UNet IoU interval > 0, Image − UNet IoU interval > −0.005, UNet ≥ MONAI − 0.02"}
+        for ds, res in data.get("datasets", {}).items():
+            st = res["statistics"]
+            out[ds] = {key: {"mean": round(d["iou"]["mean"], 4), "ci95": [round(v, 4) for v in d["iou"]["ci95"]]}
+                       for key, d in st["differences"].items()}
+        return out
     return {}
 
 
