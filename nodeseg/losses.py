@@ -11,7 +11,7 @@ from torch import Tensor
 from nodeseg.errors import check_arg
 from nodeseg.levelset import narrow_band
 
-__all__ = ["narrow_band_mse"]
+__all__ = ["balanced_mean", "narrow_band_mse", "narrow_band_sums"]
 
 _REDUCTIONS = ("mean", "none", "sum")
 
@@ -28,8 +28,13 @@ def narrow_band_mse(
     valid: Tensor | None = None,
     width: float = 1.0,
     reduction: Literal["mean", "none", "sum"] = "mean",
+    balance: bool = False,
 ) -> Tensor:
     """Mean of (tanh(φ̂/width) − tanh(φ/width))² over the valid pixels.
+
+    ``balance``: the class-balanced mean instead, ½·(mean inside the object) + ½·(mean outside), the object
+    being φ < 0 (:func:`balanced_mean`); ``"mean"`` pools the batch, ``"none"`` balances each sample (a
+    ``"sum"`` cannot be balanced: use :func:`narrow_band_sums`).
 
     Shapes ``(B, 1, H, W)``. ``valid`` (same shape, bool or 0/1; non-zero counts as valid) leaves padded
     pixels out: they neither change the loss nor receive gradient, even if φ there is NaN.
@@ -53,7 +58,13 @@ def narrow_band_mse(
         "a positive finite number",
     )
     check_arg(reduction in _REDUCTIONS, "reduction", reduction, f"one of {_REDUCTIONS}")
+    check_arg(not (balance and reduction == "sum"), "reduction", reduction,
+              "'mean' or 'none' with balance=True (narrow_band_sums gives the two sums)")
     phi_true = phi_true.to(phi_pred.dtype)
+    if balance:
+        dims = (0, 1, 2, 3) if reduction == "mean" else (1, 2, 3)
+        s_in, s_out, n_in, n_out = _class_sums(phi_pred, phi_true, valid, width, dims)
+        return balanced_mean(s_in, s_out, n_in, n_out)
 
     if valid is None:
         sq = (narrow_band(phi_pred, width) - narrow_band(phi_true, width)) ** 2
@@ -81,3 +92,39 @@ def narrow_band_mse(
     if reduction == "mean":
         return sq.sum() / keep.sum().clamp(min=1).to(sq.dtype)
     return sq.sum(dim=(1, 2, 3)) / keep.sum(dim=(1, 2, 3)).clamp(min=1).to(sq.dtype)
+
+
+def _class_sums(
+    phi_pred: Tensor, phi_true: Tensor, valid: Tensor | None, width: float, dims: tuple[int, ...]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    keep = torch.ones_like(phi_true, dtype=torch.bool) if valid is None else (
+        valid if valid.dtype == torch.bool else valid != 0)
+    zero = phi_pred.new_zeros(())
+    sq = (narrow_band(torch.where(keep, phi_pred, zero), width)
+          - narrow_band(torch.where(keep, phi_true, zero), width)) ** 2  # 0 on padded pixels
+    inside = keep & (phi_true < 0)
+    s_in = torch.where(inside, sq, zero).sum(dim=dims)
+    s_out = sq.sum(dim=dims) - s_in
+    n_in = inside.sum(dim=dims).to(sq.dtype)
+    return s_in, s_out, n_in, keep.sum(dim=dims).to(sq.dtype) - n_in
+
+
+def narrow_band_sums(
+    phi_pred: Tensor, phi_true: Tensor, valid: Tensor | None = None, width: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(Σ inside, Σ outside) of the squared narrow-band error over the valid pixels, and the two pixel counts.
+
+    Inside is φ < 0. Data-parallel training sums these over ranks before :func:`balanced_mean`.
+    """
+    _check_phi(phi_pred, "phi_pred")
+    _check_phi(phi_true, "phi_true")
+    return _class_sums(phi_pred, phi_true.to(phi_pred.dtype), valid, width, (0, 1, 2, 3))
+
+
+def balanced_mean(s_in: Tensor, s_out: Tensor, n_in: Tensor | float, n_out: Tensor | float) -> Tensor:
+    """½·s_in/n_in + ½·s_out/n_out; where one class has no pixel, the other's mean alone (0 with none)."""
+    n_in = torch.as_tensor(n_in, dtype=s_in.dtype, device=s_in.device)
+    n_out = torch.as_tensor(n_out, dtype=s_in.dtype, device=s_in.device)
+    m_in, m_out = s_in / n_in.clamp(min=1), s_out / n_out.clamp(min=1)
+    both = (n_in > 0) & (n_out > 0)
+    return torch.where(both, 0.5 * (m_in + m_out), torch.where(n_in > 0, m_in, m_out))

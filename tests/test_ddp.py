@@ -137,21 +137,24 @@ def test_two_processes_end_with_identical_weights(data: dict[str, Path], tmp_pat
     assert not list(out.glob("*/rank*")), "only rank 0 writes"
 
 
-@pytest.mark.parametrize("nproc", [1, 2], ids=["2x1", "2x2"])
-def test_two_nodes_equal_one_process_on_the_global_batch(data: dict[str, Path], tmp_path: Path, nproc: int) -> None:
+@pytest.mark.parametrize(("nproc", "balance"), [(1, 100), (2, 100), (2, 0)], ids=["2x1", "2x2", "2x2-plain-loss"])
+def test_two_nodes_equal_one_process_on_the_global_batch(data: dict[str, Path], tmp_path: Path, nproc: int,
+                                                         balance: int) -> None:
     """Two torchrun agents (two 'nodes', c10d rendezvous on 127.0.0.1) of ``nproc`` processes each train the
-    UNet as one process does on the same global batch (within RTOL/ATOL: summation order)."""
+    UNet as one process does on the same global batch (within RTOL/ATOL: summation order), with the
+    class-balanced loss (its means taken over the global batch's object and background pixels) and without."""
     port, run_id = _free_port(), f"nodeseg-{uuid.uuid4().hex[:8]}"
     world = 2 * nproc
+    extra = [*EXACT, f"pretrain.class_balance_steps={balance}"]
     agents = [
         _torchrun("--nnodes=2", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
                   f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}")
         + _stage("pretrain", tmp_path / "ddp", "--shards", str(data["shards"]), "--out",
-                 str(tmp_path / "ddp-run"), extra=EXACT)
+                 str(tmp_path / "ddp-run"), extra=extra)
         for _ in range(2)
     ]
     single = [sys.executable, *_stage("pretrain", tmp_path / "single", "--shards", str(data["shards"]), "--out",
-                                      str(tmp_path / "single-run"), extra=EXACT)]
+                                      str(tmp_path / "single-run"), extra=extra)]
     _run({"ddp": agents, "single": [single]}, tmp_path)
     ranks = _dumps(tmp_path / "ddp", world)
     reference = _dumps(tmp_path / "single", 1)[0]

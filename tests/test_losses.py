@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nodeseg.losses import narrow_band_mse
+from nodeseg.losses import balanced_mean, narrow_band_mse, narrow_band_sums
 
 
 def _reference(
@@ -141,3 +141,59 @@ def test_sum_reduction_over_valid_pixels_divides_into_the_mean() -> None:
     torch.testing.assert_close(total / valid.sum(), mean, rtol=1e-6, atol=0)
     torch.testing.assert_close(narrow_band_mse(pred, true, None, reduction="sum"),
                                narrow_band_mse(pred, true).mul(75), rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------------------- class-balanced loss
+
+
+def _balanced_reference(pred: np.ndarray, true: np.ndarray, valid: np.ndarray, width: float) -> float:
+    sq = (np.tanh(pred / width) - np.tanh(true / width)) ** 2
+    inside, outside = valid & (true < 0), valid & (true >= 0)
+    if inside.any() and outside.any():
+        return 0.5 * sq[inside].mean() + 0.5 * sq[outside].mean()
+    return sq[inside | outside].mean()
+
+
+@pytest.mark.parametrize("width", [1.0, 3.0])
+def test_balanced_loss_is_half_the_mean_inside_plus_half_outside(width: float) -> None:
+    rng = np.random.default_rng(3)
+    true = rng.normal(2.0, 3.0, (3, 1, 9, 11))
+    pred = rng.normal(0.0, 3.0, true.shape)
+    valid = rng.random(true.shape) > 0.2
+    got = narrow_band_mse(torch.from_numpy(pred), torch.from_numpy(true), torch.from_numpy(valid), width=width,
+                          balance=True)
+    assert float(got) == pytest.approx(_balanced_reference(pred, true, valid, width), rel=1e-12)
+    per = narrow_band_mse(torch.from_numpy(pred), torch.from_numpy(true), torch.from_numpy(valid), width=width,
+                          reduction="none", balance=True)
+    for i in range(3):
+        assert float(per[i]) == pytest.approx(_balanced_reference(pred[i], true[i], valid[i], width), rel=1e-12)
+
+
+def test_balanced_loss_with_one_class_is_its_plain_mean() -> None:
+    true = torch.full((2, 1, 4, 4), 5.0, dtype=torch.float64)  # no object anywhere
+    pred = torch.linspace(-3, 3, 32, dtype=torch.float64).reshape(2, 1, 4, 4)
+    assert float(narrow_band_mse(pred, true, balance=True)) == pytest.approx(float(narrow_band_mse(pred, true)))
+
+
+def test_balanced_sums_of_two_halves_give_the_whole_batchs_balanced_mean() -> None:
+    # what data-parallel training relies on: per-rank sums and counts, added, give one process's loss
+    rng = np.random.default_rng(4)
+    true = torch.from_numpy(rng.normal(1.0, 2.0, (4, 1, 6, 6)))
+    pred = torch.from_numpy(rng.normal(0.0, 2.0, (4, 1, 6, 6)))
+    whole = narrow_band_mse(pred, true, balance=True)
+    parts = [narrow_band_sums(pred[i : i + 2], true[i : i + 2]) for i in (0, 2)]
+    s_in, s_out, n_in, n_out = (sum(p[k] for p in parts) for k in range(4))
+    assert float(balanced_mean(s_in, s_out, n_in, n_out)) == pytest.approx(float(whole), rel=1e-12)
+
+
+def test_balanced_loss_refuses_a_sum_reduction() -> None:
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="narrow_band_sums"):
+        narrow_band_mse(x, x, reduction="sum", balance=True)
+
+
+def test_balanced_gradient_passes_gradcheck() -> None:
+    rng = np.random.default_rng(5)
+    true = torch.from_numpy(rng.normal(0.5, 2.0, (2, 1, 5, 5)))
+    pred = torch.from_numpy(rng.normal(0.0, 2.0, (2, 1, 5, 5))).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p: narrow_band_mse(p, true, width=2.0, balance=True), (pred,))

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from nodeseg.data.transforms import AugmentConfig
 from nodeseg.errors import SolverError, TrainingDiverged, check_arg
-from nodeseg.losses import narrow_band_mse
+from nodeseg.losses import balanced_mean, narrow_band_mse, narrow_band_sums
 from nodeseg.tracking import Tracker
 from nodeseg.train import checkpoint as ckpt
 from nodeseg.train.ddp import DistInfo, all_reduce_sum, barrier
@@ -49,6 +49,11 @@ class TrainConfig:
     min_lr: float = 1e-6
     grad_clip: float = 0.0  # max gradient norm; 0 disables
     band_width: float = 1.0  # width (pixels) of the tanh narrow band in the loss
+    # the first N steps train on the class-balanced loss, ½ mean inside the object + ½ mean outside (φ < 0 / φ ≥ 0),
+    # then the paper's loss. A UNet trained from scratch on the plain loss can predict no object for hundreds of
+    # steps where the object is a few % of the image; trained balanced to the end it over-segments
+    # (benchmarks/README.md, "Accuracy"). 0: never (the paper)
+    class_balance_steps: int = 0
     select_samples: int = 8  # per-sample validation losses of the first N samples go into each checkpoint
     max_batches_per_epoch: int = 0  # 0: the whole training set every epoch
     val_batch_size: int = 8
@@ -72,6 +77,7 @@ class TrainConfig:
         check_arg(self.min_lr >= 0, "min_lr", self.min_lr, ">= 0")
         check_arg(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0 (0 disables)")
         check_arg(self.band_width > 0, "band_width", self.band_width, "> 0")
+        check_arg(self.class_balance_steps >= 0, "class_balance_steps", self.class_balance_steps, ">= 0")
         check_arg(self.select_samples >= 1, "select_samples", self.select_samples, ">= 1")
         check_arg(self.max_batches_per_epoch >= 0, "max_batches_per_epoch", self.max_batches_per_epoch, ">= 0")
         check_arg(self.val_batch_size >= 1, "val_batch_size", self.val_batch_size, ">= 1")
@@ -84,6 +90,8 @@ class TrainConfig:
         d.pop("epochs")
         d.pop("num_workers")
         d.pop("log_every")
+        if not d["class_balance_steps"]:
+            d.pop("class_balance_steps")  # off: the fingerprint of the runs from before the key existed
         return d
 
 
@@ -118,7 +126,8 @@ def _batch_tensors(
 
 @torch.no_grad()
 def validation_losses(
-    model: nn.Module, dataset: Dataset, *, band_width: float, batch_size: int, info: DistInfo
+    model: nn.Module, dataset: Dataset, *, band_width: float, batch_size: int, info: DistInfo,
+    class_balance: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-sample validation losses in dataset order (every rank gets all of them) and summary statistics.
 
@@ -136,7 +145,7 @@ def validation_losses(
     for batch in loader:
         image, phi, valid = _batch_tensors(batch, info.device)
         pred = model(image)
-        per = narrow_band_mse(pred, phi, valid, width=band_width, reduction="none")
+        per = narrow_band_mse(pred, phi, valid, width=band_width, reduction="none", balance=class_balance)
         idx = torch.tensor(mine[pos : pos + len(per)])
         losses[idx] = per.double().cpu()
         pos += len(per)
@@ -312,15 +321,21 @@ def fit(
                 failure = ""
                 sq_sum = torch.zeros((), device=info.device)
                 n_valid = float((valid != 0).sum())
+                balanced = global_step < cfg.class_balance_steps
+                n_in = float(((valid != 0) & (phi < 0)).sum()) if balanced else 0.0
                 try:
                     pred = ddp_model(image)
-                    sq_sum = narrow_band_mse(pred, phi, valid, width=cfg.band_width, reduction="sum")
+                    if balanced:
+                        s_in, s_out, _, _ = narrow_band_sums(pred, phi, valid, width=cfg.band_width)
+                        sq_sum = s_in + s_out
+                    else:
+                        sq_sum = narrow_band_mse(pred, phi, valid, width=cfg.band_width, reduction="sum")
                     if not torch.isfinite(sq_sum):
                         failure = f"the loss became {sq_sum.item()}"
                 except SolverError as err:
                     failure = str(err)
-                # one all-reduce per step: whether any rank failed, and the valid pixels of the global batch
-                failed, global_valid = all_reduce_sum([1.0 if failure else 0.0, n_valid], info)
+                # one all-reduce per step: whether any rank failed, the valid (and object) pixels of the global batch
+                failed, global_valid, global_in = all_reduce_sum([1.0 if failure else 0.0, n_valid, n_in], info)
                 if failed:
                     raise TrainingDiverged(
                         f"{stage}: epoch {epoch + 1} step {global_step + 1}: {failure or 'another rank failed'};"
@@ -328,7 +343,10 @@ def fit(
                     )
                 # the mean over the global batch's valid pixels; DDP averages gradients over ranks, hence × world, so
                 # that padded samples weigh the same as with one process whatever the split of the batch
-                loss = sq_sum * (world / max(global_valid, 1.0))
+                if balanced:  # the same global means as one process would take, whatever the split
+                    loss = world * balanced_mean(s_in, s_out, global_in, global_valid - global_in)
+                else:
+                    loss = sq_sum * (world / max(global_valid, 1.0))
                 opt.zero_grad(set_to_none=True)
                 try:
                     loss.backward()
@@ -347,7 +365,8 @@ def fit(
                 rec = {
                     "epoch": epoch + 1,
                     "step": global_step,
-                    "loss": float(sq_sum.detach()) / max(n_valid, 1.0),  # this rank's share of the batch
+                    # this rank's share of the batch
+                    "loss": float(loss.detach()) / world if balanced else float(sq_sum.detach()) / max(n_valid, 1.0),
                     "lr": opt.param_groups[0]["lr"],
                     "seconds": time.perf_counter() - t0,
                 }
@@ -362,7 +381,8 @@ def fit(
                 bar.update(1)
         train_loss = all_reduce_sum([loss_sum, float(loss_n)], info)
         per_sample, val_stats = validation_losses(
-            model, val_set, band_width=cfg.band_width, batch_size=cfg.val_batch_size, info=info
+            model, val_set, band_width=cfg.band_width, batch_size=cfg.val_batch_size, info=info,
+            class_balance=global_step < cfg.class_balance_steps,  # the loss the epoch ended on
         )
         val_loss = float(per_sample.mean()) if len(per_sample) else float("nan")
         first = float(per_sample[: cfg.select_samples].mean()) if len(per_sample) else float("nan")
