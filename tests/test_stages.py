@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -92,3 +93,14 @@ def test_cli_runs_a_stage_and_reports_bad_input(run: dict[str, Path], tmp_path: 
     assert code == 2
     assert err.startswith("nodeseg refine: error: ") and "holds a 'contour' model, expected 'unet'" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_table_flags_an_adaptive_fbeta_of_zero_instead_of_printing_a_bare_zero() -> None:
+    from nodeseg.stages.evaluate import table_markdown
+
+    row = {"iou": 0.8, "dice": 0.9, "hd95_mm": 3.0, "asd_mm": 1.0, "nsd_1px": 0.7, "nsd_2px": 0.8,
+           "components_error": 0.1, "adaptive_fbeta": 0.0, "weighted_fbeta": 0.5, "mean_nfe": 0.0}
+    table = table_markdown({"unet": row, "contour": {**row, "adaptive_fbeta": 0.4, "hd95_mm": math.nan}})
+    assert "| 0 † |" in table and "capped at 1" in table
+    assert "| 0.4000 |" in table and "| n/a |" in table
+    assert "capped" not in table_markdown({"contour": {**row, "adaptive_fbeta": 0.4}})
