@@ -1,7 +1,9 @@
 """The one training loop: Adam, LR ramp-up then annealing on plateau, atomic checkpoints, resume, DDP.
 
 The loop knows nothing of the model beyond ``model(image) -> phi`` and, for Neural-ODE models, the
-``nfe_forward`` / ``nfe_backward`` counters of the last step. Every stage that trains
+``nfe_forward`` / ``nfe_backward`` counters of the last step and the regularisers of its solves
+(``kinetic_energy`` / ``jacobian_frobenius`` weights > 0: each weighted integral joins the loss, and the
+train log and MLflow get its value and its share of the loss per step, beside NFE). Every stage that trains
 (pretrain, refine, image-evolve, tune trials) calls :func:`fit`.
 """
 
