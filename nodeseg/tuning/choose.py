@@ -106,6 +106,8 @@ def write_solver_params(path: str | Path, solver: Mapping[str, Any],
         for section, values in (extra or {}).items():
             for key, value in values.items():
                 got = to_mapping(getattr(getattr(params, section), key))
+                if isinstance(value, Mapping) and isinstance(got, dict):  # the written keys of a sub-section
+                    got = {k: got.get(k) for k in value}
                 if got != value:
                     wrong[f"{section}.{key}"] = got
         if wrong:
