@@ -45,7 +45,7 @@ def _set_solver(model: nn.Module, **fields: Any) -> None:
     import dataclasses
 
     for s in model.solvers:  # type: ignore[attr-defined]
-        s.counter.config = dataclasses.replace(s.counter.config, **fields)
+        s.train_config = dataclasses.replace(s.train_config, **fields)
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer | None, image: torch.Tensor, phi: torch.Tensor) -> float:

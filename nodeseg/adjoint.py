@@ -129,13 +129,18 @@ def _rms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
 
 
-def _adjoint_norm(sizes: Sequence[int], param_sizes: Sequence[int], seminorm: bool) -> Callable[[Tensor], Tensor]:
-    """torchdiffeq's adjoint norm on the flat [y; a; g]: max RMS over y's and a's parts (and g's, if not semi)."""
+def _adjoint_norm(sizes: Sequence[int], param_sizes: Sequence[int], seminorm: bool,
+                  normed_parts: int | None = None) -> Callable[[Tensor], Tensor]:
+    """torchdiffeq's adjoint norm on the flat [y; a; g]: max RMS over y's and a's parts (and g's, if not semi);
+    with ``normed_parts``, over the first that many parts of y and of a only."""
     parts = list(sizes) * 2 + ([] if seminorm else list(param_sizes))
     total = sum(parts)
+    k = len(sizes) if normed_parts is None else normed_parts
+    keep = [i for i in range(len(parts)) if i % len(sizes) < k or i >= 2 * len(sizes)] if sizes else []
 
     def norm(x: Tensor) -> Tensor:
-        return torch.stack([_rms(p) for p in x[:total].split(parts)]).max()
+        split = x[:total].split(parts)
+        return torch.stack([_rms(split[i]) for i in keep]).max()
 
     return norm
 
@@ -178,7 +183,8 @@ class _LeanAdjointMethod(torch.autograd.Function):
             dyn = _AugmentedDynamics(spec["func"], shapes, spec["is_tuple"], params, spec["callback"], quad)
             n = dyn.n
             z = torch.cat([ys[-1], gys[-1]] + ([] if quad is not None else [ys.new_zeros(n_params)]))
-            options["norm"] = _adjoint_norm(dyn.sizes, [p.numel() for p in params], spec["seminorm"])
+            options["norm"] = _adjoint_norm(dyn.sizes, [p.numel() for p in params], spec["seminorm"],
+                                            spec["normed_parts"])
             if quad is not None:
                 options["quadrature"] = quad
             for i in range(steps - 1, 0, -1):
@@ -210,7 +216,7 @@ def lean_odeint_adjoint(
     func: Callable[..., State], y0: State, t: Tensor, *, rtol: float, atol: float, method: str,
     options: dict[str, Any], adjoint_options: dict[str, Any], params: Sequence[Tensor], seminorm: bool = True,
     step_callback: StepCallback | None = None, on_assertion: Callable[[AssertionError], Exception] | None = None,
-    quadrature: bool = True,
+    quadrature: bool = True, normed_parts: int | None = None,
 ) -> State:
     """``odeint`` forward, the adjoint backward (see the module docstring); returns y at ``t`` like ``odeint``.
 
@@ -221,6 +227,8 @@ def lean_odeint_adjoint(
     instead of an ``AssertionError`` of torchdiffeq's solver in the backward solve (it would otherwise
     surface from ``loss.backward()`` as a bare assertion). ``quadrature`` sums the parameter adjoint beside
     the state where it can (dopri5 and the seminorm; see the module docstring); False carries it in the state.
+    ``normed_parts`` keeps only the first that many parts of a tuple state (and of its adjoint) in the
+    backward solve's error norm (``nodeseg.regularisers``: the integrals riding along are not step-controlled).
     """
     if method not in SUPPORTED:
         raise ValueError(f"method {method!r} is not supported by the lean adjoint; expected one of {SUPPORTED}")
@@ -235,7 +243,8 @@ def lean_odeint_adjoint(
 
     spec = {"func": func, "is_tuple": is_tuple, "n_y": len(parts), "rtol": rtol, "atol": atol, "method": method,
             "options": options, "adjoint_options": {k: v for k, v in adjoint_options.items() if k != "norm"},
-            "seminorm": seminorm, "callback": callback, "on_assertion": on_assertion, "quadrature": quadrature}
+            "seminorm": seminorm, "callback": callback, "on_assertion": on_assertion, "quadrature": quadrature,
+            "normed_parts": normed_parts}
     params = tuple(p for p in params if p.requires_grad)
     out = _LeanAdjointMethod.apply(spec, t, *parts, *params)
     return tuple(out) if is_tuple else out[0]

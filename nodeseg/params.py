@@ -40,6 +40,8 @@ class ModelSection:
     preset: str = "unet-tiny"
     sizes: dict[str, Any] = field(default_factory=dict)
     solver: SolverConfig = field(default_factory=SolverConfig)  # ignored by the plain UNet
+    # the solver of eval mode (validation, evaluate, predict); null: ``solver``. Recorded in the model spec
+    inference_solver: SolverConfig | None = None
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ from torchdiffeq import odeint, odeint_adjoint
 from nodeseg import adjoint as _adjoint
 from nodeseg import dopri5 as _dopri5
 from nodeseg.errors import SolverError, check_arg
+from nodeseg.regularisers import REGULARISERS, RegularisedFunc, leading_norm, rademacher_like
 
 Method = Literal["dopri5", "bosh3", "adaptive_heun", "dopri8", "rk4", "euler", "midpoint"]
 ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "bosh3", "adaptive_heun", "dopri8")
@@ -98,8 +99,10 @@ class SolverConfig:
     """How to integrate fθ over [0, t1]: method, tolerances, adjoint, caps (the ``solver`` params section).
 
     ``max_num_steps`` caps adaptive step attempts (accepted + rejected) per output interval;
-    ``max_nfe`` caps fθ evaluations per pass; ``step_size`` is required by, and only allowed for,
-    the fixed-step methods.
+    ``max_nfe`` caps fθ evaluations per pass. The fixed-step methods take ``step_size`` (steps from 0 by
+    that size, the last one shortened to land on t1) or ``steps`` (that many equal steps over each solve:
+    1, 2, 3 or 4 steps for a cheap solver, where a step size like 1/3 does not survive a params file);
+    exactly one of the two, and neither for the adaptive methods.
     """
 
     method: Method = "dopri5"
@@ -108,6 +111,7 @@ class SolverConfig:
     adjoint: bool = True
     adjoint_seminorm: bool = True
     step_size: float | None = None
+    steps: int | None = None
     first_step: float | None = 0.5
     max_num_steps: int = 500
     max_nfe: int = 3000
@@ -126,9 +130,16 @@ class SolverConfig:
         check_arg(_is_int(self.max_nfe) and self.max_nfe > 0, "max_nfe", self.max_nfe, "an int > 0")
         check_arg(self.first_step is None or (_is_number(self.first_step) and self.first_step > 0),
                   "first_step", self.first_step, "null or a number > 0")
-        if self.method in FIXED_STEP_METHODS:
+        check_arg(self.steps is None or (_is_int(self.steps) and self.steps >= 1), "steps", self.steps,
+                  "null or an int >= 1")
+        if self.method in FIXED_STEP_METHODS and self.steps is not None:
+            check_arg(self.step_size is None, "step_size", self.step_size,
+                      f"null when steps is given ({self.steps}): a fixed-step method takes one of the two")
+            check_arg(self.steps <= self.max_num_steps, "steps", self.steps,
+                      f"at most max_num_steps={self.max_num_steps}")
+        elif self.method in FIXED_STEP_METHODS:
             check_arg(self.step_size is not None, "step_size", self.step_size,
-                      f"a number in (0, t1] for the fixed-step method {self.method!r}")
+                      f"a number in (0, t1] for the fixed-step method {self.method!r} (or give steps)")
             check_arg(_is_number(self.step_size) and 0 < self.step_size <= self.t1, "step_size",
                       self.step_size, f"a number in (0, t1={self.t1}]")
             steps = math.ceil(self.t1 / self.step_size - 1e-9)
@@ -138,6 +149,9 @@ class SolverConfig:
             check_arg(self.step_size is None, "step_size", self.step_size,
                       f"null for the adaptive method {self.method!r} (only {', '.join(FIXED_STEP_METHODS)} "
                       "take a step_size)")
+            check_arg(self.steps is None, "steps", self.steps,
+                      f"null for the adaptive method {self.method!r} (only {', '.join(FIXED_STEP_METHODS)} "
+                      "take steps)")
 
     @property
     def fixed_step(self) -> bool:
@@ -147,11 +161,23 @@ class SolverConfig:
     def options(self) -> dict[str, object]:
         """torchdiffeq ``options`` for the forward solve."""
         if self.fixed_step:
+            if self.steps is not None:
+                return {"grid_constructor": UniformGrid(self.steps)}
             return {"step_size": self.step_size}
         opts: dict[str, object] = {"max_num_steps": self.max_num_steps}
         if self.first_step is not None:
             opts["first_step"] = self.first_step
         return opts
+
+
+class UniformGrid:
+    """torchdiffeq's ``grid_constructor`` for ``steps`` equal steps over [t[0], t[-1]] (``SolverConfig.steps``)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __call__(self, func: object, y0: Tensor, t: Tensor) -> Tensor:
+        return torch.linspace(float(t[0]), float(t[-1]), self.steps + 1, dtype=t.dtype, device=t.device)
 
 
 class _CountingFunc(nn.Module):
@@ -272,17 +298,41 @@ class ODESolver(nn.Module):
     through torchdiffeq's ``odeint`` (direct backprop) otherwise.
     """
 
-    def __init__(self, func: nn.Module, config: SolverConfig | None = None) -> None:
+    def __init__(self, func: nn.Module, config: SolverConfig | None = None,
+                 inference: SolverConfig | None = None) -> None:
         super().__init__()
         check_arg(isinstance(func, nn.Module), "func", func, "an nn.Module with forward(t, y)")
         config = SolverConfig() if config is None else config
         check_arg(isinstance(config, SolverConfig), "config", config, "a SolverConfig")
+        check_arg(inference is None or isinstance(inference, SolverConfig), "inference", inference,
+                  "null or a SolverConfig")
+        self.train_config = config
+        self.inference_config = inference
         self.counter = _CountingFunc(func, config)
+        self.regularise: tuple[str, ...] = ()  # names from REGULARISERS, integrated in training solves
+        self.end_time_jitter = 0.0
+        self.regularisers: dict[str, Tensor] = {}  # per-sample integrals of the last regularised solve
 
     @property
     def config(self) -> SolverConfig:
-        """The solver settings (held by the counter, which enforces the caps)."""
-        return self.counter.config
+        """The settings the next solve uses: ``inference`` in eval mode when given, else the training ones."""
+        if self.training or self.inference_config is None:
+            return self.train_config
+        return self.inference_config
+
+    def set_regularisation(self, names: tuple[str, ...] = (), end_time_jitter: float = 0.0) -> None:
+        """Integrate the regularisers ``names`` (see ``nodeseg.regularisers``) along every solve made in
+        training mode with grad enabled, their per-sample integrals left in ``regularisers``; and draw each
+        such solve's end time uniformly from [t1 − jitter, t1 + jitter] (STEER, Ghosh et al. 2020; default
+        times only). ``()`` and 0 turn both off: the solve is then exactly the unregularised one."""
+        unknown = [n for n in names if n not in REGULARISERS]
+        check_arg(not unknown, "names", unknown[0] if unknown else None, f"one of {', '.join(REGULARISERS)}")
+        t1 = self.train_config.t1
+        check_arg(_is_number(end_time_jitter) and 0 <= end_time_jitter < t1, "end_time_jitter", end_time_jitter,
+                  f"a number in [0, t1={t1:g})")
+        self.regularise = tuple(n for n in REGULARISERS if n in names)
+        self.end_time_jitter = float(end_time_jitter)
+        self.regularisers = {}
 
     @property
     def func(self) -> nn.Module:
@@ -321,28 +371,53 @@ class ODESolver(nn.Module):
                                               and all(isinstance(y, Tensor) for y in y0)),
                   "y0", type(y0).__name__, "a tensor or a non-empty tuple of tensors")
         first = y0 if isinstance(y0, Tensor) else y0[0]
+        c = self.config
+        self.counter.config = c  # the counter enforces the caps of the solver in use
+        training = self.training and torch.is_grad_enabled()
         if t is None:
             t = self.default_times(first)
+            if training and self.end_time_jitter > 0:  # STEER: a random end time per training solve
+                t = t.clone()
+                t[1] += (2 * float(torch.rand(())) - 1) * self.end_time_jitter
         else:
             check_arg(isinstance(t, Tensor) and t.ndim == 1 and t.numel() >= 2 and bool((t[1:] > t[:-1]).all()),
                       "t", t, "a 1-D tensor of at least 2 strictly increasing times")
             t = t.to(dtype=first.dtype, device=first.device)
-        c = self.config
+        names = self.regularise if training else ()
+        if not names:
+            return self._solve(self.counter, y0, t, c, parts=None)
+        parts = tuple(y0) if isinstance(y0, tuple) else (y0,)
+        probe = tuple(rademacher_like(p) for p in parts) if "jacobian_frobenius" in names else None
+        func = RegularisedFunc(self.counter, len(parts), isinstance(y0, tuple), names, probe)
+        extra = tuple(first.new_zeros(first.shape[0], 1, 1, 1) for _ in names)
+        out = self._solve(func, (*parts, *extra), t, c, parts=len(parts))
+        self.regularisers = {n: r[-1].reshape(-1) for n, r in zip(names, out[len(parts):], strict=True)}
+        return tuple(out[: len(parts)]) if isinstance(y0, tuple) else out[0]
+
+    def _solve(self, func0: nn.Module, y0: State, t: Tensor, c: SolverConfig, parts: int | None) -> State:
+        """One solve of ``func0`` (the counter, or a :class:`RegularisedFunc` around it whose state's first
+        ``parts`` parts are y: only those are in the error norms)."""
         method = _TORCHDIFFEQ_METHOD.get(c.method, c.method)
         options = c.options()
         if c.method in _LAND_ON_OUTPUT_TIMES:  # their dense output is poor: step onto the output times
             options["step_t"] = t[1:]
+        if parts is not None and not c.fixed_step:
+            options["norm"] = leading_norm(parts)
         self.counter.begin_forward(len(t) - 1)
         rows = is_channels_last(y0)
-        func, y = (_RowsFunc(self.counter), _rows(y0)) if rows else (self.counter, y0)
+        func, y = (_RowsFunc(func0), _rows(y0)) if rows else (func0, y0)
         try:
             if c.adjoint and torch.is_grad_enabled():
                 adjoint_options = dict(options)
+                adjoint_options.pop("norm", None)
                 if c.adjoint_seminorm:
                     adjoint_options["norm"] = "seminorm"
                 if not c.fixed_step:  # the step callback caps the adjoint pass first (see module docstring)
                     adjoint_options["max_num_steps"] = c.max_num_steps * (len(t) - 1) + 1
                 if not (ADJOINT["impl"] == "nodeseg" and method in _adjoint.SUPPORTED and not t.requires_grad):
+                    if parts is not None:
+                        raise ValueError("the regularisers need nodeseg's adjoint (ADJOINT['impl'] = 'nodeseg' "
+                                         f"and times that do not require grad), got impl {ADJOINT['impl']!r}")
                     # torchdiffeq's adjoint reads its step callback off the counter itself
                     return odeint_adjoint(
                         self.counter, y0, t, rtol=c.rtol, atol=c.atol, method=method, options=options,
@@ -352,7 +427,7 @@ class ODESolver(nn.Module):
                     func, y, t, rtol=c.rtol, atol=c.atol, method=method, options=options,
                     adjoint_options=adjoint_options, params=tuple(self.counter.parameters()),
                     seminorm=c.adjoint_seminorm, step_callback=self.counter.count_backward_step,
-                    on_assertion=self.counter.runaway,
+                    on_assertion=self.counter.runaway, normed_parts=parts,
                 )
             else:
                 out = odeint(func, y, t, rtol=c.rtol, atol=c.atol, method=method, options=options)
@@ -369,6 +444,26 @@ class ODESolver(nn.Module):
 def ode_solvers(module: nn.Module) -> list[ODESolver]:
     """Every ``ODESolver`` inside ``module`` (in registration order)."""
     return [m for m in module.modules() if isinstance(m, ODESolver)]
+
+
+def set_regularisation(module: nn.Module, names: tuple[str, ...] = (), end_time_jitter: float = 0.0) -> None:
+    """:meth:`ODESolver.set_regularisation` on every solver in ``module``; a module without one refuses
+    anything but off."""
+    solvers = ode_solvers(module)
+    check_arg(solvers or (not names and end_time_jitter == 0), "module", type(module).__name__,
+              "a Neural-ODE model (it has no ODE solver to regularise)")
+    for s in solvers:
+        s.set_regularisation(names, end_time_jitter)
+
+
+def regulariser_values(module: nn.Module) -> dict[str, Tensor]:
+    """Each regulariser of the last training solves, averaged over the batch and summed over the solvers
+    of ``module`` (a differentiable scalar per name; empty when none is on)."""
+    out: dict[str, Tensor] = {}
+    for s in ode_solvers(module):
+        for name, value in s.regularisers.items():
+            out[name] = out[name] + value.mean() if name in out else value.mean()
+    return out
 
 
 def nfe_stats(module: nn.Module) -> dict[str, int]:

@@ -215,3 +215,28 @@ def test_build_model_solver_mapping_and_lists() -> None:
     assert all(s.config == SolverConfig(method="rk4", step_size=0.5) for s in model.solvers)
     with pytest.raises(ConfigError, match="step_size"):
         build_model("image", "tiny", solver={"method": "rk4"})
+
+
+def test_inference_solver_is_recorded_in_the_spec_and_used_in_eval_mode(tmp_path) -> None:
+    """The spec records ``inference_solver`` only when set; the model rebuilt from it (what evaluate and
+    predict load) solves with it in eval mode and with ``solver`` in training."""
+    from nodeseg.models.spec import build_from_spec, load_model, make_spec
+    from nodeseg.params import ModelSection
+    from nodeseg.train import checkpoint as ckpt
+
+    plain = make_spec("image", ModelSection(preset="tiny", solver=SolverConfig()))
+    assert "inference_solver" not in plain and "steps" not in plain["solver"]
+    section = ModelSection(preset="tiny", solver=SolverConfig(atol=1e-4),
+                           inference_solver=SolverConfig(method="rk4", steps=2, first_step=None))
+    spec = make_spec("image", section)
+    assert spec["inference_solver"]["steps"] == 2
+    torch.manual_seed(0)
+    model = build_from_spec(spec)
+    ckpt.save(tmp_path / "m.pt", {"model_spec": spec, "model": model.state_dict()})
+    loaded, _ = load_model(tmp_path / "m.pt")
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        loaded(x)
+    assert loaded.nfe_forward == 8  # eval: rk4, 2 steps
+    loaded.train()(x)
+    assert loaded.nfe_forward == 13  # training: dopri5 (f ≡ 0: 1 + 2 steps × 6)

@@ -64,6 +64,10 @@ class Power(nn.Module):
         (dict(max_num_steps=-5), "max_num_steps", -5),
         (dict(t1=0.0), "t1", 0.0),
         (dict(adjoint="yes"), "adjoint", "yes"),
+        (dict(method="rk4", steps=0), "steps", 0),
+        (dict(method="rk4", steps=2, step_size=0.5), "step_size", 0.5),  # one of the two
+        (dict(steps=2), "steps", 2),  # adaptive method takes no steps
+        (dict(method="euler", steps=600), "steps", 600),  # > max_num_steps
     ],
 )
 def test_config_rejects_bad_values(kwargs: dict, name: str, value: object) -> None:
@@ -108,6 +112,41 @@ def test_fixed_step_rk4_accuracy() -> None:
     y0 = torch.randn(3, dtype=F64)
     out = ODESolver(Linear(0.8), SolverConfig(method="rk4", step_size=0.05, adjoint=False))(y0)
     assert (out[-1] - y0 * math.exp(0.8)).abs().max() < 1e-7
+
+
+@pytest.mark.parametrize(("method", "per_step", "gain"), [
+    ("euler", 1, lambda z: 1 + z),
+    ("midpoint", 2, lambda z: 1 + z + z * z / 2),
+    ("rk4", 4, lambda z: 1 + z + z**2 / 2 + z**3 / 6 + z**4 / 24),
+])
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_fixed_steps_take_exactly_that_many_equal_steps(method: str, per_step: int, gain, steps: int,
+                                                        adjoint: bool) -> None:
+    """``steps=k``: k equal steps over [0, t1] (3 steps included, where a step size 1/3 would not be exact):
+    on dy/dt = λy the method's amplification factor R(hλ) applied k times, k × stages evaluations each way."""
+    func = Linear(-1.3)
+    solver = ODESolver(func, SolverConfig(method=method, steps=steps, first_step=None, adjoint=adjoint, t1=0.9))
+    y0 = torch.ones(2, dtype=F64, requires_grad=True)
+    y = solver(y0)
+    assert solver.nfe_forward == per_step * steps
+    assert torch.allclose(y[-1], y0 * gain(-1.3 * 0.9 / steps) ** steps, rtol=1e-14)
+    y[-1].sum().backward()
+    assert solver.nfe_backward == (per_step * steps if adjoint else 0)
+    assert y0.grad is not None and torch.allclose(y0.grad, torch.full_like(y0, gain(-1.3 * 0.9 / steps) ** steps),
+                                                  rtol=1e-12)
+
+
+def test_inference_solver_serves_eval_mode() -> None:
+    """``inference``: eval mode solves with it (here rk4 in 1 step: 4 evaluations), training with ``config``."""
+    func = Linear(-1.0)
+    solver = ODESolver(func, SolverConfig(atol=1e-6), inference=SolverConfig(method="rk4", steps=1, first_step=None))
+    y0 = torch.ones(2, 1, 3, 3, dtype=F64)
+    solver.eval()(y0)
+    assert solver.nfe_forward == 4 and solver.config.method == "rk4"
+    solver.train()(y0)
+    assert solver.nfe_forward > 4 and solver.config.method == "dopri5"
+    assert ODESolver(func, SolverConfig()).eval().config == SolverConfig()  # none given: the training solver
 
 
 # ---------------------------------------------------------------------------------------------- gradients

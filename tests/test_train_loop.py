@@ -139,7 +139,64 @@ def test_batch_must_split_over_ranks(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [("epochs", 0), ("lr", 0.0), ("plateau_factor", 1.0),
-                                              ("batch_size", 0), ("band_width", -1.0)])
+                                              ("batch_size", 0), ("band_width", -1.0), ("kinetic_energy", -0.1),
+                                              ("jacobian_frobenius", float("nan")), ("end_time_jitter", -1.0)])
 def test_bad_train_config_names_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
+
+
+def _image_model(**solver: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("image", "tiny", solver={"method": "euler", "steps": 2, "first_step": None, **solver})
+
+
+def test_regularisers_enter_the_loss_and_are_logged_per_step(tmp_path: Path) -> None:
+    """Each regulariser's value and its share of the loss per step in train_log.csv (and MLflow's step
+    metrics, which take every key of the record); f ≡ 0 at initialisation makes both 0 at the first step."""
+    import csv
+    import dataclasses
+
+    from nodeseg.train.loop import _step_metrics
+
+    cfg = dataclasses.replace(CFG, epochs=1, kinetic_energy=0.5, jacobian_frobenius=0.25, end_time_jitter=0.1)
+    _fit(tmp_path / "on", cfg, model=_image_model())
+    rows = list(csv.DictReader((tmp_path / "on" / "train_log.csv").open()))
+    assert len(rows) == 3
+    for name in ("kinetic_energy", "jacobian_frobenius"):
+        values = [float(r[name]) for r in rows]
+        shares = [float(r[f"{name}_share"]) for r in rows]
+        assert values[0] == 0.0 and all(v > 0 for v in values[1:]), values
+        assert all(0 <= s < 1 for s in shares) and shares[-1] > 0
+    r = {k: float(v) for k, v in rows[-1].items()}
+    total = r["loss"] + 0.5 * r["kinetic_energy"] + 0.25 * r["jacobian_frobenius"]
+    assert r["kinetic_energy_share"] == pytest.approx(0.5 * r["kinetic_energy"] / total, rel=1e-6)
+    assert {"train/kinetic_energy", "train/jacobian_frobenius_share"} <= set(_step_metrics(r))
+
+
+def test_regularisers_off_train_as_before(tmp_path: Path) -> None:
+    """Weights 0 (the default) leave the record, the resume fingerprint and the weights as without the keys;
+    weights > 0 change the training (a different run: a different fingerprint)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, epochs=1)
+    view = cfg.resumable_view()
+    assert not {"kinetic_energy", "jacobian_frobenius", "end_time_jitter"} & set(view)
+    model_a, res_a = _fit(tmp_path / "a", cfg, model=_image_model())
+    zeros = dataclasses.replace(cfg, kinetic_energy=0.0, jacobian_frobenius=0.0, end_time_jitter=0.0)
+    model_b, res_b = _fit(tmp_path / "b", zeros, model=_image_model())
+    assert all(torch.equal(a, b) for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values(),
+                                                   strict=True))
+    assert "kinetic_energy" not in res_a.history[0] and "kinetic_energy" not in (tmp_path / "a" / "train_log.csv"
+                                                                               ).read_text()
+    model_c, _ = _fit(tmp_path / "c", dataclasses.replace(cfg, kinetic_energy=1.0), model=_image_model())
+    assert not all(torch.equal(a, b) for a, b in zip(model_a.state_dict().values(), model_c.state_dict().values(),
+                                                       strict=True))
+    assert "kinetic_energy" in dataclasses.replace(cfg, kinetic_energy=1.0).resumable_view()
+
+
+def test_regularisers_need_a_neural_ode(tmp_path: Path) -> None:
+    import dataclasses
+
+    with pytest.raises(ValueError, match="no ODE solver"):
+        _fit(tmp_path, dataclasses.replace(CFG, kinetic_energy=0.1))

@@ -33,6 +33,7 @@ from nodeseg.stages.refine import refine
 from nodeseg.stages.select import select_checkpoint
 from nodeseg.stages.tune import tune
 from nodeseg.train import checkpoint as ckpt
+from nodeseg.tuning import choose
 from nodeseg.tuning.choose import choose_operating_point, eligible, write_solver_params
 from nodeseg.tuning.config import TuneConfig
 from nodeseg.tuning.pruning import EpochPruning, create_pruning_study, make_pruner
@@ -80,6 +81,54 @@ def test_rule_on_synthetic_trials() -> None:
     assert choose_operating_point(by_loss, loss).number == 1  # within 5 % of 0.100, fewer NFE
     with pytest.raises(NodesegError, match=r"no trial completed \(1 FAIL, 1 PRUNED\)"):
         choose_operating_point(trials[4:], cfg)
+
+
+def test_rule_keeps_to_the_memory_budget() -> None:
+    trials = [_trial(0, [0.800, 30, 1.0, 900.0]), _trial(1, [0.799, 10, 1.0, 4000.0]),
+              _trial(2, [0.798, 20, 1.0, 500.0])]
+    assert choose_operating_point(trials, TuneConfig()).number == 1
+    budget = TuneConfig(max_peak_memory_mb=1000.0)
+    assert choose_operating_point(trials, budget).number == 2 and "1000 MiB" in choose.rule_text(budget)
+
+
+def test_space_draws_steps_inference_solver_and_regulariser_weights() -> None:
+    from nodeseg.solve import SolverConfig
+    from nodeseg.tuning.space import reference_params, suggest_inference, suggest_regularisers, suggest_solver
+
+    cfg = TuneConfig(methods=("dopri5", "rk4"), step_sizes=(), steps=(1, 2, 3, 4), inference_methods=("euler",),
+                     kinetic_energy=(1e-4, 1e-1), jacobian_frobenius=(1e-4, 1e-1))
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize", "minimize"])
+    study.enqueue_trial({"method": "rk4", "steps": 3, "adjoint": True, "inference": "euler", "inference_steps": 2,
+                         "kinetic_energy_zero": False, "kinetic_energy": 0.0123456, "jacobian_frobenius_zero": True})
+    trial = study.ask()
+    solver = suggest_solver(trial, cfg, SolverConfig())
+    assert (solver.method, solver.steps, solver.step_size) == ("rk4", 3, None)
+    inference = suggest_inference(trial, cfg, solver)
+    assert inference is not None and (inference.method, inference.steps) == ("euler", 2)
+    assert suggest_regularisers(trial, cfg) == {"kinetic_energy": 0.0123, "jacobian_frobenius": 0.0}
+    ref = reference_params(cfg)
+    assert ref is not None and ref["inference"] == "train" and ref["kinetic_energy_zero"] is True
+    with pytest.raises(ValueError, match="steps"):
+        TuneConfig(steps=(2,), step_sizes=(0.5,))
+    with pytest.raises(ValueError, match="inference_methods"):
+        TuneConfig(steps=(), inference_methods=("rk4",))
+
+
+def test_peak_memory_sees_a_trial_allocation() -> None:
+    import torch
+
+    from nodeseg.tuning.memory import PeakMemory
+
+    with PeakMemory(torch.device("cpu")) as m:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del x
+    assert m.kind in ("rss_peak", "ru_maxrss_growth")
+    if m.kind == "rss_peak":  # a true per-block peak: seen again in a second block
+        assert 60 <= m.mb < 200
+        with PeakMemory(torch.device("cpu")) as again:
+            y = torch.ones(64 * 2**20 // 4)
+            del y
+        assert 60 <= again.mb < 200
 
 
 def test_pruner_on_the_companion_study() -> None:
@@ -167,12 +216,19 @@ def test_two_workers_share_one_sqlite_storage(selected: dict[str, Path], tmp_pat
     chosen = study.trials[result.chosen]
     assert chosen in near and chosen.values[1] == min(t.values[1] for t in near)
     assert result.solver == chosen.user_attrs["solver"]
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert all(len(t.values) == 4 and t.values[3] >= 0 and t.user_attrs["peak_memory_kind"] for t in done)
     # report files
     assert (out / "pareto_front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "trials.csv").read_text().strip().splitlines()) == 5
     assert "| chosen |" in (out / "trials.md").read_text().splitlines()[0]
     choice = json.loads((out / "choice.json").read_text())
     assert choice["chosen"]["trial"] == result.chosen and "fewest NFE" in choice["rule"]
+    assert choice["chosen"]["peak_memory_mb"] == chosen.values[3]
+    assert choice["regularisers"] == chosen.user_attrs["regularisers"]
+    assert choice["inference_solver"] == chosen.user_attrs["inference_solver"]
+    header = (out / "trials.md").read_text().splitlines()[0]
+    assert all(f"| {c} |" in header for c in ("peak_memory_mb", "inference", "kinetic_energy", "steps"))
     try:
         import plotly  # noqa: F401
         assert (out / "pareto_front.html").is_file()
@@ -194,7 +250,7 @@ def test_two_workers_share_one_sqlite_storage(selected: dict[str, Path], tmp_pat
 
 def test_runaway_trial_fails_with_its_reason_on_a_journal(selected: dict[str, Path], tmp_path: Path) -> None:
     params = _params("tune.max_nfe=10", "tune.reference_atol=null", "tune.methods=[dopri5, rk4]",
-                     "tune.adjoint=[true]", "tune.step_sizes=[0.5]")
+                     "tune.adjoint=[true]", "tune.step_sizes=[0.5]", "tune.steps=[]", "tune.inference_methods=[]")
     storage, out = f"journal:{tmp_path / 'study.log'}", tmp_path / "tune"
     tune(None, None, out, params, storage=storage, phase="create")  # type: ignore[arg-type]
     study = load_study(storage, "nodeseg-tune")
@@ -218,7 +274,7 @@ def test_runaway_trial_fails_with_its_reason_on_a_journal(selected: dict[str, Pa
 def test_cli_writes_the_tuned_solver_that_refine_reads(selected: dict[str, Path], tmp_path: Path) -> None:
     params_file = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", params_file)
-    sets = [*TINY, *FAST, "tune.reference_atol=null", "tune.methods=[bosh3, rk4]", "tune.step_sizes=[0.5]"]
+    sets = [*TINY, *FAST, "tune.reference_atol=null", "tune.methods=[bosh3, rk4]", "tune.step_sizes=[0.5]", "tune.steps=[]", "tune.inference_methods=[]"]
     out = tmp_path / "tune"
     argv = ["tune", "--params", str(params_file), *[a for s in sets for a in ("--set", s)], "--shards",
             str(selected["shards"]), "--unet", str(selected["unet"]), "--out", str(out), "--n-trials", "2",
@@ -231,7 +287,7 @@ def test_cli_writes_the_tuned_solver_that_refine_reads(selected: dict[str, Path]
     assert {k: getattr(tuned.contour.solver, k) for k in solver} == solver
     refine(selected["shards"], selected["unet"], tmp_path / "refine", tuned)
     spec = ckpt.load(tmp_path / "refine" / "model.pt")["model_spec"]["solver"]
-    assert {k: spec[k] for k in solver} == solver
+    assert {k: spec.get(k) for k in solver} == solver  # a spec leaves steps out when null
 
 
 def test_write_solver_params_keeps_the_file_and_reads_back(tmp_path: Path) -> None:
@@ -257,6 +313,7 @@ def test_tuning_dvc_stage_lists_what_it_reads_but_not_what_it_writes() -> None:
 
     stage = yaml.safe_load((REPO / "tuning" / "dvc.yaml").read_text())["stages"]["tune"]
     written = {f"contour.solver.{k}" for k in tuned_keys(Params().contour.solver)}
+    written |= {"contour.inference_solver", "refine.kinetic_energy", "refine.jacobian_frobenius"}
     for key in stage["params"]:
         node = to_mapping(Params())
         for part in key.split("."):
@@ -274,7 +331,7 @@ def test_every_phase_refuses_a_study_of_another_objective(tmp_path: Path, phase:
     it touches data, instead of feeding val_loss into a maximised objective."""
     storage, out = f"journal:{tmp_path / 'study.log'}", tmp_path / "tune"
     tune(None, None, out, _params("tune.reference_atol=null"), storage=storage, phase="create")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"has directions \['maximize', 'minimize', 'minimize'\] \(objective "
+    with pytest.raises(ConfigError, match=r"has directions \['maximize', 'minimize', 'minimize', 'minimize'\] \(objective "
                                           r"'iou'\), but tune.objective='loss' needs"):
         tune(tmp_path / "no-shards", tmp_path / "no-unet", out, _params("tune.objective=loss"),
              storage=storage, phase=phase, n_trials=1)
@@ -283,7 +340,7 @@ def test_every_phase_refuses_a_study_of_another_objective(tmp_path: Path, phase:
 # ----------------------------------------------------------------------------------------------- workers that stop
 
 RESILIENT = [*TINY, "refine.batch_size=2", "refine.warmup_steps=0", "tune.epochs=3", "tune.max_batches_per_epoch=3",
-             "tune.reference_atol=null", "tune.methods=[rk4]", "tune.step_sizes=[0.5]", "tune.adjoint=[true]",
+             "tune.reference_atol=null", "tune.methods=[rk4]", "tune.step_sizes=[0.5]", "tune.steps=[]", "tune.inference_methods=[]", "tune.adjoint=[true]",
              "tune.pruner=none", "tune.heartbeat_s=1", "tune.retries=2"]
 
 

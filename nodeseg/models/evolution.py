@@ -1,7 +1,9 @@
 """The Neural-ODE segmentation models: ``ContourEvolution``, ``ImageEvolution``, ``NodeStack``.
 
 All three expose ``solvers`` (their ``ODESolver`` modules) and ``nfe_forward`` / ``nfe_backward`` summed over
-them, so training can log NFE per step.
+them, so training can log NFE per step. Each takes ``solver`` (training, and inference unless overridden) and
+``inference_solver`` (used in eval mode: validation, evaluate, predict; e.g. train with dopri5, infer with
+rk4 in 2 steps).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class ContourEvolution(_NFEMixin, nn.Module):
         func_max_channels: int | None = None,
         norm_groups: int = 8,
         solver: SolverConfig | None = None,
+        inference_solver: SolverConfig | None = None,
     ) -> None:
         super().__init__()
         check_arg(isinstance(unet, UNet), "unet", type(unet).__name__, "a nodeseg UNet")
@@ -86,7 +89,7 @@ class ContourEvolution(_NFEMixin, nn.Module):
         inner = build_odefunc(func, 1 + hidden_channels, func_channels=func_channels, func_layers=func_layers,
                               func_depth=func_depth, func_max_channels=func_max_channels,
                               norm_groups=norm_groups)
-        self.solver = ODESolver(TupleStateFunc(inner, (1, hidden_channels)), solver)
+        self.solver = ODESolver(TupleStateFunc(inner, (1, hidden_channels)), solver, inference_solver)
         self.head = _head(1 + hidden_channels, hidden_channels, norm_groups, zero_init=True)
 
     def train(self, mode: bool = True) -> ContourEvolution:
@@ -130,6 +133,7 @@ class ImageEvolution(_NFEMixin, nn.Module):
         func_max_channels: int | None = None,
         norm_groups: int = 8,
         solver: SolverConfig | None = None,
+        inference_solver: SolverConfig | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("in_channels", in_channels)
@@ -138,7 +142,7 @@ class ImageEvolution(_NFEMixin, nn.Module):
         inner = build_odefunc(func, hidden_channels, func_channels=func_channels, func_layers=func_layers,
                               func_depth=func_depth, func_max_channels=func_max_channels,
                               norm_groups=norm_groups)
-        self.solver = ODESolver(inner, solver)
+        self.solver = ODESolver(inner, solver, inference_solver)
         self.head = _head(hidden_channels, hidden_channels, norm_groups, zero_init=False)
 
     def forward(self, image: Tensor, times: Tensor | None = None) -> Tensor:
@@ -173,6 +177,7 @@ class NodeStack(_NFEMixin, nn.Module):
         aspp_rates: tuple[int, ...] = (2, 4, 6),
         norm_groups: int = 8,
         solver: SolverConfig | None = None,
+        inference_solver: SolverConfig | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("in_channels", in_channels)
@@ -199,7 +204,7 @@ class NodeStack(_NFEMixin, nn.Module):
             self.transitions.append(nn.Identity() if same else ConvNormAct(prev, c, k, stride=s, **kw))
             width = int(round(c * width_ratio))
             func = StackODEFunc(c, width, groups=groups, se_reduction=se_reduction, norm_groups=norm_groups)
-            self.blocks.append(ODESolver(func, solver))
+            self.blocks.append(ODESolver(func, solver, inference_solver))
             prev = c
         self.aspp = ASPP(prev, aspp_channels, tuple(aspp_rates), **kw)
         self.head = _head(aspp_channels, aspp_channels, norm_groups, zero_init=False)

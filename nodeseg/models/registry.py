@@ -67,7 +67,7 @@ def _valid_keys(kind: str) -> list[str]:
 def build_model(kind: str, preset: str | None = None, **overrides: Any) -> nn.Module:
     """Build ``kind`` ('unet', 'contour', 'image', 'nodestack') from ``preset`` sizes updated by ``overrides``.
 
-    ``solver`` may be a ``SolverConfig`` or a mapping of its fields; lists become tuples. For 'contour',
+    ``solver`` and ``inference_solver`` may be a ``SolverConfig`` or a mapping of its fields; lists become tuples. For 'contour',
     ``unet_preset`` (default 'unet-tiny') sizes the frozen UNet, or ``unet`` passes a built one (load the
     pretrained weights into ``model.unet`` afterwards).
     """
@@ -82,8 +82,9 @@ def build_model(kind: str, preset: str | None = None, **overrides: Any) -> nn.Mo
     check_arg(not unknown, "overrides", unknown[0] if unknown else None,
               f"a {kind} size (valid: {', '.join(valid)})")
     sizes = {k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items()}
-    if isinstance(sizes.get("solver"), Mapping):
-        sizes["solver"] = from_mapping(SolverConfig, sizes["solver"], where="solver")
+    for key in ("solver", "inference_solver"):
+        if isinstance(sizes.get(key), Mapping):
+            sizes[key] = from_mapping(SolverConfig, sizes[key], where=key)
     if kind == "contour":
         unet_preset = sizes.pop("unet_preset", "unet-tiny")
         if sizes.get("unet") is None:

@@ -10,21 +10,35 @@ from torch import nn
 from nodeseg.config import to_mapping
 from nodeseg.errors import InputError
 from nodeseg.models.registry import KINDS, build_model
+from nodeseg.solve import SolverConfig
 from nodeseg.train import checkpoint as ckpt
 
 
 def make_spec(kind: str, section: Any, in_channels: int = 1, unet: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A spec from a params model section (preset, sizes, solver) and the data's channel count."""
+    """A spec from a params model section (preset, sizes, solver, inference solver) and the data's channel
+    count. ``inference_solver`` is recorded only when set: the model rebuilt from the spec (evaluate,
+    predict, serving) solves with it in eval mode."""
     spec: dict[str, Any] = {"kind": kind, "preset": section.preset, "sizes": dict(section.sizes)}
     if kind in ("unet", "image", "nodestack"):
         spec["sizes"].setdefault("in_channels", in_channels)
     if kind != "unet":
-        spec["solver"] = to_mapping(section.solver)
+        spec["solver"] = solver_mapping(section.solver)
+        if section.inference_solver is not None:  # absent when none: the specs of earlier runs are unchanged
+            spec["inference_solver"] = solver_mapping(section.inference_solver)
     if kind == "contour":
         if unet is None:
             raise ValueError("argument 'unet' must be the spec of the pretrained UNet for kind 'contour'")
         spec["unet"] = unet
     return spec
+
+
+def solver_mapping(solver: SolverConfig) -> dict[str, Any]:
+    """A solver's fields for a spec; ``steps`` (added later) only when set, so that a spec, and the resume
+    fingerprint made from it, stay what they were for the solvers earlier runs could have."""
+    data = to_mapping(solver)
+    if data.get("steps") is None:
+        data.pop("steps", None)
+    return data
 
 
 def input_shape(spec: dict[str, Any]) -> tuple[int, int]:
@@ -41,8 +55,9 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
     if kind not in KINDS:
         raise ValueError(f"model spec kind must be one of {', '.join(KINDS)}, got {kind!r}")
     kwargs = dict(spec.get("sizes", {}))
-    if "solver" in spec:
-        kwargs["solver"] = spec["solver"]
+    for key in ("solver", "inference_solver"):
+        if key in spec:
+            kwargs[key] = spec[key]
     if kind == "contour":
         kwargs["unet"] = build_from_spec(spec["unet"])
     return build_model(kind, spec.get("preset"), **kwargs)

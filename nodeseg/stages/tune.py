@@ -49,9 +49,16 @@ from nodeseg.train import ddp
 from nodeseg.train.loop import fit
 from nodeseg.tuning import DEFAULT_STUDY, choose, report
 from nodeseg.tuning.config import TuneConfig
+from nodeseg.tuning.memory import PeakMemory
 from nodeseg.tuning.pruning import SUFFIX as PRUNING_SUFFIX
 from nodeseg.tuning.pruning import EpochPruning, create_pruning_study, make_pruner
-from nodeseg.tuning.space import reference_params, suggest_solver, tuned_keys
+from nodeseg.tuning.space import (
+    reference_params,
+    suggest_inference,
+    suggest_regularisers,
+    suggest_solver,
+    tuned_keys,
+)
 from nodeseg.tuning.storage import default_storage, load_study, open_storage, redact, retry_callback
 
 log = logging.getLogger(__name__)
@@ -75,7 +82,7 @@ class TuneResult:
 
 
 def _directions(cfg: TuneConfig) -> list[str]:
-    return ["maximize" if cfg.maximize else "minimize", "minimize", "minimize"]
+    return ["maximize" if cfg.maximize else "minimize", "minimize", "minimize", "minimize"]
 
 
 def create_study(storage: str, study_name: str, params: Params) -> optuna.Study:
@@ -150,10 +157,11 @@ class TrialRunner:
         self.build = contour_builder(Path(unet_checkpoint), params.contour)
         self.build(self.channels)  # checks the UNet against the shards before any trial starts
 
-    def _build(self, solver: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
-        """Contour Evolution on the frozen UNet, as ``nodeseg refine`` builds it, with the trial's solver."""
+    def _build(self, solver: Any, inference: Any = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """Contour Evolution on the frozen UNet, as ``nodeseg refine`` builds it, with the trial's solvers."""
         torch.manual_seed(self.params.seed)  # every trial starts from the same weights
-        model, spec = self.build(self.channels, dataclasses.replace(self.params.contour, solver=solver))
+        section = dataclasses.replace(self.params.contour, solver=solver, inference_solver=inference)
+        model, spec = self.build(self.channels, section)
         return model, {**spec, "preprocessing": self.preprocessing}
 
     def _frozen(self, trial: optuna.Trial) -> FrozenTrial:
@@ -183,13 +191,18 @@ class TrialRunner:
                  ", resuming from its checkpoints" if (trial_dir / "checkpoints").is_dir() else "")
         return trial.user_attrs.get("mlflow_run_id")
 
-    def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float, float, float]:
         cfg = self.cfg
         trial_dir = self.out / "trials" / f"trial-{trial.number:04d}"
         shutil.rmtree(trial_dir, ignore_errors=True)
         earlier_run = self._take_over(trial, trial_dir)
         solver = suggest_solver(trial, cfg, self.params.contour.solver)
+        inference = suggest_inference(trial, cfg, solver)
+        weights = suggest_regularisers(trial, cfg)
+        train_cfg = dataclasses.replace(self.train_cfg, **weights)
         trial.set_user_attr("solver", tuned_keys(solver))
+        trial.set_user_attr("inference_solver", None if inference is None else tuned_keys(inference))
+        trial.set_user_attr("regularisers", weights)
         twin = EpochPruning(self.pruning, trial.number)
         trial.set_user_attr("pruning_trial", twin.number)
         state = TrialState.FAIL
@@ -203,7 +216,8 @@ class TrialRunner:
                     tracker.close_abandoned(earlier_run)
                 trial.set_user_attr("mlflow_run_id", tracker.run_id)
                 tracker.log_params({"seed": self.params.seed, "trial": trial.number,
-                                    **flatten(solver, "contour.solver."), **flatten(self.train_cfg, "tune.train.")})
+                                    **flatten(solver, "contour.solver."), **flatten(train_cfg, "tune.train."),
+                                    **(flatten(inference, "contour.inference_solver.") if inference else {})})
 
                 def on_epoch_end(epoch: int, row: dict[str, float]) -> None:
                     if twin.report(epoch, float(row[f"val_{cfg.objective}"])):
@@ -211,11 +225,13 @@ class TrialRunner:
                         raise optuna.TrialPruned(f"val_{cfg.objective} {row[f'val_{cfg.objective}']:.4g} after "
                                                  f"epoch {epoch}: pruned by the {cfg.pruner} pruner")
 
-                model, spec = self._build(solver)
+                model, spec = self._build(solver, inference)
+                memory = PeakMemory(self.info.device)
                 try:
-                    result = fit(model, self.train_set, self.val_set, self.train_cfg, trial_dir,
-                                 seed=self.params.seed, model_spec=spec, data_id=self.data_id, info=self.info,
-                                 tracker=tracker, stage="tune", on_epoch_end=on_epoch_end)
+                    with memory:
+                        result = fit(model, self.train_set, self.val_set, train_cfg, trial_dir,
+                                     seed=self.params.seed, model_spec=spec, data_id=self.data_id, info=self.info,
+                                     tracker=tracker, stage="tune", on_epoch_end=on_epoch_end)
                 except optuna.TrialPruned as err:
                     pruned, state = err, TrialState.PRUNED
                     tracker.set_tags({"optuna.state": "PRUNED", "nodeseg.pruned": str(err)})
@@ -226,7 +242,7 @@ class TrialRunner:
                     raise
                 if pruned is None:
                     values = self._values(trial, result.history[-1], _step_means(trial_dir / "train_log.csv"),
-                                          solver.adjoint)
+                                          solver.adjoint, memory)
                     tracker.log_metrics(dict(zip(cfg.metric_names, values, strict=True)))
                     tracker.set_tags({"optuna.state": "COMPLETE"})
                     state = TrialState.COMPLETE
@@ -244,8 +260,8 @@ class TrialRunner:
         return values
 
     def _values(self, trial: optuna.Trial, last: dict[str, float], steps: dict[str, float],
-                adjoint: bool) -> tuple[float, float, float]:
-        """(accuracy, NFE per step, seconds per step); also kept as user attributes.
+                adjoint: bool, memory: PeakMemory) -> tuple[float, float, float, float]:
+        """(accuracy, NFE per step, seconds per step, peak memory MiB); also kept as user attributes.
 
         NFE per step = forward + backward evaluations. With direct backprop (adjoint off) the backward
         pass goes through each stored forward evaluation once; it is counted as ``nfe_forward`` backward
@@ -256,9 +272,10 @@ class TrialRunner:
         accuracy = float(last[f"val_{self.cfg.objective}"])
         for key, value in {"val_iou": last["val_iou"], "val_loss": last["val_loss"], "val_nfe": last["val_nfe"],
                            "nfe_forward": steps["nfe_forward"], "nfe_backward": steps["nfe_backward"],
-                           "seconds_per_step": steps["seconds"]}.items():
+                           "seconds_per_step": steps["seconds"], "peak_memory_mb": memory.mb}.items():
             trial.set_user_attr(key, float(value))
-        return accuracy, nfe, steps["seconds"]
+        trial.set_user_attr("peak_memory_kind", memory.kind)
+        return accuracy, nfe, steps["seconds"], memory.mb
 
 
 def optimize(shards: Path, unet_checkpoint: Path, out: Path, params: Params, *, storage: str,
@@ -369,9 +386,12 @@ def write_report(storage: str, out: Path, params: Params, *, study_name: str = D
     if html is not None:
         files["pareto_html"] = html
     solver = dict(chosen.user_attrs["solver"])
+    inference = chosen.user_attrs.get("inference_solver")
+    weights = dict(chosen.user_attrs.get("regularisers") or {})
     choice: dict[str, Any] = {
         "study": study_name, "storage": redact(storage), "rule": choose.rule_text(cfg), "states": states,
         "pareto": sorted(pareto), "chosen": _summary(chosen, cfg), "solver": solver,
+        "inference_solver": inference, "regularisers": weights,
         "written_to": str(write_params) if write_params else None,
     }
     ref = next((t for t in trials if t.user_attrs.get("reference") and t.state == TrialState.COMPLETE), None)
@@ -379,11 +399,13 @@ def write_report(storage: str, out: Path, params: Params, *, study_name: str = D
         choice["reference"] = _summary(ref, cfg)
         choice["vs_reference"] = {"nfe_ratio": chosen.values[1] / ref.values[1],
                                   "seconds_ratio": chosen.values[2] / ref.values[2],
+                                  "peak_memory_ratio": chosen.values[3] / ref.values[3] if ref.values[3] else None,
                                   f"val_{cfg.objective}_difference": chosen.values[0] - ref.values[0]}
     files["choice"] = out / "choice.json"
     files["choice"].write_text(json.dumps(choice, indent=2) + "\n")
     if write_params is not None:
-        choose.write_solver_params(write_params, solver)
+        choose.write_solver_params(write_params, solver, {"contour": {"inference_solver": inference},
+                                                          "refine": weights})
         log.info("wrote the chosen solver (trial %d) into %s: %s", chosen.number, write_params, solver)
     _log_parent(study, choice, files)
     return TuneResult(study_name=study_name, storage=redact(storage), states=states, chosen=chosen.number,
@@ -391,7 +413,8 @@ def write_report(storage: str, out: Path, params: Params, *, study_name: str = D
 
 
 def _summary(t: FrozenTrial, cfg: TuneConfig) -> dict[str, Any]:
-    keep = ("val_iou", "val_loss", "val_nfe", "nfe_forward", "nfe_backward", "mlflow_run_id")
+    keep = ("val_iou", "val_loss", "val_nfe", "nfe_forward", "nfe_backward", "peak_memory_kind",
+            "inference_solver", "regularisers", "mlflow_run_id")
     return {"trial": t.number, **dict(zip(cfg.metric_names, t.values, strict=True)),
             "solver": t.user_attrs.get("solver"), **{k: t.user_attrs[k] for k in keep if k in t.user_attrs}}
 

@@ -1,7 +1,9 @@
 """The one training loop: Adam, LR ramp-up then annealing on plateau, atomic checkpoints, resume, DDP.
 
 The loop knows nothing of the model beyond ``model(image) -> phi`` and, for Neural-ODE models, the
-``nfe_forward`` / ``nfe_backward`` counters of the last step. Every stage that trains
+``nfe_forward`` / ``nfe_backward`` counters of the last step and the regularisers of its solves
+(``kinetic_energy`` / ``jacobian_frobenius`` weights > 0: each weighted integral joins the loss, and the
+train log and MLflow get its value and its share of the loss per step, beside NFE). Every stage that trains
 (pretrain, refine, image-evolve, tune trials) calls :func:`fit`.
 """
 
@@ -26,6 +28,8 @@ from tqdm.auto import tqdm
 from nodeseg.data.transforms import AugmentConfig
 from nodeseg.errors import SolverError, TrainingDiverged, check_arg
 from nodeseg.losses import balanced_mean, narrow_band_mse, narrow_band_sums
+from nodeseg.regularisers import REGULARISERS
+from nodeseg.solve import regulariser_values, set_regularisation
 from nodeseg.tracking import Tracker
 from nodeseg.train import checkpoint as ckpt
 from nodeseg.train.ddp import DistInfo, all_reduce_sum, barrier
@@ -62,6 +66,11 @@ class TrainConfig:
     # NHWC memory format for the model and image batches: faster convolutions on CPU (oneDNN) and on GPU tensor
     # cores; the same values up to rounding (benchmarks/README.md, figure 3)
     channels_last: bool = True
+    # regularisers of the dynamics (nodeseg.regularisers, RNODE): weights of ∫‖f‖²/D dt and of the Hutchinson
+    # estimate of ∫‖∂f/∂y‖_F²/D dt in the loss; 0 = off. STEER: each training solve ends at t1 ± U(jitter)
+    kinetic_energy: float = 0.0
+    jacobian_frobenius: float = 0.0
+    end_time_jitter: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -83,6 +92,14 @@ class TrainConfig:
         check_arg(self.val_batch_size >= 1, "val_batch_size", self.val_batch_size, ">= 1")
         check_arg(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
         check_arg(self.log_every >= 1, "log_every", self.log_every, ">= 1")
+        for name in (*REGULARISERS, "end_time_jitter"):
+            value = getattr(self, name)
+            check_arg(math.isfinite(value) and value >= 0, name, value, "a number >= 0 (0 = off)")
+
+    @property
+    def regularisers(self) -> dict[str, float]:
+        """The regularisers that are on, with their weights."""
+        return {n: getattr(self, n) for n in REGULARISERS if getattr(self, n) > 0}
 
     def resumable_view(self) -> dict[str, Any]:
         """The settings a resume must agree on (``epochs`` may grow to extend a run)."""
@@ -90,8 +107,9 @@ class TrainConfig:
         d.pop("epochs")
         d.pop("num_workers")
         d.pop("log_every")
-        if not d["class_balance_steps"]:
-            d.pop("class_balance_steps")  # off: the fingerprint of the runs from before the key existed
+        for name in (*REGULARISERS, "end_time_jitter", "class_balance_steps"):  # added later: left out when off,
+            if d[name] == 0:  # so that the fingerprints of earlier runs still match
+                d.pop(name)
         return d
 
 
@@ -232,6 +250,8 @@ def fit(
             f"argument 'batch_size' ({cfg.batch_size}) must be divisible by the number of ranks ({world})"
         )
     per_rank = cfg.batch_size // world
+    weights = cfg.regularisers
+    set_regularisation(model, tuple(weights), cfg.end_time_jitter)
     model.to(info.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -345,8 +365,13 @@ def fit(
                 # that padded samples weigh the same as with one process whatever the split of the batch
                 if balanced:  # the same global means as one process would take, whatever the split
                     loss = world * balanced_mean(s_in, s_out, global_in, global_valid - global_in)
+                    data_loss = float(loss.detach()) / world  # this rank's share of the balanced loss
                 else:
                     loss = sq_sum * (world / max(global_valid, 1.0))
+                    data_loss = float(sq_sum.detach()) / max(n_valid, 1.0)  # this rank's share of the batch
+                reg = regulariser_values(model) if weights else {}
+                for name, value in reg.items():  # a mean over this rank's samples: DDP averages it over ranks
+                    loss = loss + weights[name] * value
                 opt.zero_grad(set_to_none=True)
                 try:
                     loss.backward()
@@ -365,13 +390,17 @@ def fit(
                 rec = {
                     "epoch": epoch + 1,
                     "step": global_step,
-                    # this rank's share of the batch
-                    "loss": float(loss.detach()) / world if balanced else float(sq_sum.detach()) / max(n_valid, 1.0),
+                    "loss": data_loss,
                     "lr": opt.param_groups[0]["lr"],
                     "seconds": time.perf_counter() - t0,
                 }
                 if counts is not None:
                     rec["nfe_forward"], rec["nfe_backward"] = float(counts[0]), float(counts[1])
+                if reg:
+                    total = rec["loss"] + sum(weights[n] * float(v.detach()) for n, v in reg.items())
+                    for name, value in reg.items():  # the integral, and its weighted share of this rank's loss
+                        rec[name] = float(value.detach())
+                        rec[f"{name}_share"] = weights[name] * rec[name] / total if total > 0 else 0.0
                 steps_log.append(rec)
                 loss_sum += rec["loss"]
                 loss_n += 1

@@ -1,11 +1,11 @@
 """The operating point: the cheapest trial whose accuracy is within a stated margin of the best.
 
-Rule (over COMPLETE trials; values = (accuracy, NFE per training step, seconds per training step)):
-the best accuracy is the highest validation IoU (objective ``iou``) or the lowest validation loss
+Rule (over COMPLETE trials; values = (accuracy, NFE per training step, seconds per training step, peak
+memory MiB)), with ``max_peak_memory_mb`` set, over those whose peak memory is within it: the best accuracy is the highest validation IoU (objective ``iou``) or the lowest validation loss
 (``loss``); eligible are the trials with IoU >= best - ``within_iou`` (0.005 = 0.5 IoU points) or with loss
 <= best x (1 + ``within_loss``); of those the one with the fewest NFE per step wins, ties broken by fewer
 seconds per step, then the better accuracy, then the lower trial number. The winner is written into
-``contour.solver`` of a params file with ruamel.yaml, keeping its comments and layout.
+``contour.solver`` (and ``contour.inference_solver`` and refine's regulariser weights) of a params file with ruamel.yaml, keeping its comments and layout.
 """
 
 from __future__ import annotations
@@ -27,13 +27,16 @@ def rule_text(cfg: TuneConfig) -> str:
         near = f"validation IoU within {cfg.within_iou:g} ({cfg.within_iou * 100:g} IoU points) of the best"
     else:
         near = f"validation loss within {cfg.within_loss * 100:g} % of the best"
-    return (f"the fewest NFE per training step among the complete trials with {near}; ties: fewer seconds per "
-            "step, then better accuracy, then the lower trial number")
+    budget = "" if cfg.max_peak_memory_mb is None else f" and a peak memory within {cfg.max_peak_memory_mb:g} MiB"
+    return (f"the fewest NFE per training step among the complete trials with {near}{budget}; ties: fewer "
+            "seconds per step, then better accuracy, then the lower trial number")
 
 
 def eligible(trials: Sequence[FrozenTrial], cfg: TuneConfig) -> list[FrozenTrial]:
     """The COMPLETE trials close enough to the best accuracy (see the module docstring)."""
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None]
+    if cfg.max_peak_memory_mb is not None:
+        done = [t for t in done if len(t.values) < 4 or t.values[3] <= cfg.max_peak_memory_mb]
     if not done:
         states = {}
         for t in trials:
@@ -64,13 +67,16 @@ def _yaml_float(value: float) -> str:
     return text
 
 
-def write_solver_params(path: str | Path, solver: Mapping[str, Any]) -> None:
-    """Set ``contour.solver.<key>`` for each key of ``solver`` in the YAML file ``path`` (atomically),
-    keeping comments, order and the other keys; the result must still load with ``load_params``."""
+def write_solver_params(path: str | Path, solver: Mapping[str, Any],
+                        extra: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Set ``contour.solver.<key>`` for each key of ``solver`` in the YAML file ``path`` (atomically), and
+    ``<section>.<key>`` for each of ``extra`` (e.g. ``{"refine": {"kinetic_energy": 0.01}}``), keeping
+    comments, order and the other keys; the result must still load with ``load_params``."""
     from ruamel.yaml import YAML
     from ruamel.yaml.comments import CommentedMap
     from ruamel.yaml.representer import RoundTripRepresenter
 
+    from nodeseg.config import to_mapping
     from nodeseg.params import load_params
 
     class Representer(RoundTripRepresenter):
@@ -87,10 +93,22 @@ def write_solver_params(path: str | Path, solver: Mapping[str, Any]) -> None:
     node = contour.setdefault("solver", CommentedMap())
     for key, value in solver.items():
         node[key] = float(value) if isinstance(value, float) else value
+    for section, values in (extra or {}).items():
+        target = doc.setdefault(section, CommentedMap())
+        for key, value in values.items():
+            target[key] = float(value) if isinstance(value, float) else value
     with atomic_file(path) as tmp:
         with tmp.open("w") as fh:
             yaml.dump(doc, fh)
         loaded = load_params([tmp]).contour.solver
         wrong = {k: getattr(loaded, k) for k, v in solver.items() if getattr(loaded, k) != v}
+        params = load_params([tmp])
+        for section, values in (extra or {}).items():
+            for key, value in values.items():
+                got = to_mapping(getattr(getattr(params, section), key))
+                if isinstance(value, Mapping) and isinstance(got, dict):  # the written keys of a sub-section
+                    got = {k: got.get(k) for k in value}
+                if got != value:
+                    wrong[f"{section}.{key}"] = got
         if wrong:
             raise NodesegError(f"{path}: the tuned solver did not read back: {wrong} != {dict(solver)}")

@@ -20,13 +20,16 @@ def _log_range(value: tuple[float, float] | None) -> bool:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """A multi-objective study: accuracy (``objective``) against NFE per training step and seconds per step.
+    """A multi-objective study: accuracy (``objective``) against NFE per training step, seconds per step and
+    the peak memory a trial's training adds (``nodeseg.tuning.memory``).
 
     Each trial refines the selected UNet for ``epochs`` x ``max_batches_per_epoch`` steps with the
     ``refine`` settings and a solver drawn from the space below (the other solver keys come from
     ``contour.solver``; the per-pass cap is ``max_nfe``). ``rtol`` null keeps rtol at 0; a range makes it
     "0 or log-uniform in the range". ``reference_atol`` enqueues dopri5 at that atol (rtol 0, adjoint) as
-    the first trial, the baseline of the report's ratios; null leaves it out.
+    the first trial, the baseline of the report's ratios; null leaves it out. Fixed-step methods draw a
+    ``step_size`` from ``step_sizes`` or a number of ``steps`` (one of the two lists is empty);
+    ``inference_methods`` adds "infer with k steps" to the space, the regulariser ranges refine's weights.
     """
 
     n_trials: int = 24
@@ -35,7 +38,15 @@ class TuneConfig:
     atol: tuple[float, float] = (1e-6, 1e-2)
     rtol: tuple[float, float] | None = (1e-6, 1e-2)
     step_sizes: tuple[float, ...] = (0.125, 0.25, 0.5)
+    steps: tuple[int, ...] = ()  # fixed-step methods: a number of equal steps (instead of step_sizes)
     adjoint: tuple[bool, ...] = (True, False)
+    # the inference solver (validation, then evaluate/predict): the training one, or one of these fixed-step
+    # methods with a number of steps from ``steps``
+    inference_methods: tuple[str, ...] = ()
+    # refine's regulariser weights: 0 or log-uniform in the range; null: always 0
+    kinetic_energy: tuple[float, float] | None = None
+    jacobian_frobenius: tuple[float, float] | None = None
+    max_peak_memory_mb: float | None = None  # the rule's memory budget per trial (peak growth); null: none
     reference_atol: float | None = 1e-5
     epochs: int = 2
     max_batches_per_epoch: int = 8
@@ -60,9 +71,24 @@ class TuneConfig:
         check_arg(_log_range(self.atol), "atol", self.atol, "[low, high] with 0 < low <= high")
         check_arg(self.rtol is None or _log_range(self.rtol), "rtol", self.rtol,
                   "null (rtol = 0) or [low, high] with 0 < low <= high")
-        if any(m in FIXED_STEP_METHODS for m in self.methods):
+        if any(m in FIXED_STEP_METHODS for m in self.methods) and not self.steps:
             check_arg(len(self.step_sizes) > 0 and all(0 < s <= 1 for s in self.step_sizes), "step_sizes",
-                      self.step_sizes, f"a non-empty list of numbers in (0, 1] for {', '.join(FIXED_STEP_METHODS)}")
+                      self.step_sizes, f"a non-empty list of numbers in (0, 1] for {', '.join(FIXED_STEP_METHODS)}"
+                                       " (or give steps)")
+        check_arg(not (self.steps and self.step_sizes), "steps", self.steps,
+                  f"[] when step_sizes is given ({list(self.step_sizes)}): fixed-step methods draw one of the two")
+        check_arg(all(isinstance(k, int) and k >= 1 for k in self.steps), "steps", self.steps,
+                  "a list of ints >= 1")
+        check_arg(all(m in FIXED_STEP_METHODS for m in self.inference_methods)
+                  and len(set(self.inference_methods)) == len(self.inference_methods), "inference_methods",
+                  self.inference_methods, f"a list of distinct methods from {', '.join(FIXED_STEP_METHODS)}")
+        check_arg(not self.inference_methods or self.steps, "inference_methods", self.inference_methods,
+                  "[] unless steps is given (the inference solver's number of steps is drawn from it)")
+        for name in ("kinetic_energy", "jacobian_frobenius"):
+            check_arg(getattr(self, name) is None or _log_range(getattr(self, name)), name, getattr(self, name),
+                      "null (weight 0) or [low, high] with 0 < low <= high")
+        check_arg(self.max_peak_memory_mb is None or self.max_peak_memory_mb > 0, "max_peak_memory_mb",
+                  self.max_peak_memory_mb, "null or a number > 0 (MB)")
         check_arg(len(self.adjoint) > 0 and len(set(self.adjoint)) == len(self.adjoint), "adjoint",
                   self.adjoint, "[true], [false] or [true, false]")
         if self.reference_atol is not None:
@@ -89,5 +115,5 @@ class TuneConfig:
 
     @property
     def metric_names(self) -> list[str]:
-        """Names of the three objectives, in order."""
-        return [f"val_{self.objective}", "nfe_per_step", "seconds_per_step"]
+        """Names of the four objectives, in order."""
+        return [f"val_{self.objective}", "nfe_per_step", "seconds_per_step", "peak_memory_mb"]

@@ -21,13 +21,16 @@ def trial_row(t: FrozenTrial, cfg: TuneConfig, pareto: set[int], chosen: int | N
     """One trial as a flat record: the solver, the objectives, the raw NFE counts and what happened."""
     a = t.user_attrs
     solver = a.get("solver") or {}
-    values = t.values if t.state == TrialState.COMPLETE and t.values else [None, None, None]
+    values = list(t.values) if t.state == TrialState.COMPLETE and t.values else []
+    values += [None] * (4 - len(values))
+    inference = a.get("inference_solver")
+    weights = a.get("regularisers") or {}
     note = ""
     if t.state == TrialState.FAIL:
         note = a.get("fail_reason", "failed (no reason recorded)")
     elif t.state == TrialState.PRUNED:
         note = f"pruned after epoch {a.get('pruned_at_epoch', '?')}"
-    fixed = solver.get("step_size") is not None
+    fixed = solver.get("step_size") is not None or solver.get("steps") is not None
     return {
         "trial": t.number,
         "state": t.state.name,
@@ -35,10 +38,16 @@ def trial_row(t: FrozenTrial, cfg: TuneConfig, pareto: set[int], chosen: int | N
         "atol": None if fixed else solver.get("atol"),
         "rtol": None if fixed else solver.get("rtol"),
         "step_size": solver.get("step_size"),
+        "steps": solver.get("steps"),
         "adjoint": solver.get("adjoint"),
+        "inference": "" if not inference else f"{inference['method']} × {inference['steps']}",
+        "kinetic_energy": weights.get("kinetic_energy"),
+        "jacobian_frobenius": weights.get("jacobian_frobenius"),
         cfg.metric_names[0]: values[0],
         "nfe_per_step": values[1],
         "seconds_per_step": values[2],
+        "peak_memory_mb": values[3],
+        "peak_memory_kind": a.get("peak_memory_kind"),
         "nfe_forward": a.get("nfe_forward"),
         "nfe_backward": a.get("nfe_backward"),
         "val_nfe": a.get("val_nfe"),
@@ -102,12 +111,16 @@ def plot_png(study: optuna.Study, cfg: TuneConfig, chosen: FrozenTrial | None, p
 
 
 def plot_html(study: optuna.Study, cfg: TuneConfig, path: Path) -> Path | None:
-    """Optuna's interactive Pareto front over the three objectives (needs plotly; skipped with a warning)."""
+    """Optuna's interactive Pareto front over accuracy, NFE and peak memory (needs plotly; skipped with a
+    warning)."""
     try:
         import plotly  # noqa: F401
     except ImportError:
         log.warning("plotly is not installed: %s not written (pip install plotly)", path.name)
         return None
-    fig = optuna.visualization.plot_pareto_front(study, target_names=cfg.metric_names)
+    # plotly draws at most 3 axes: accuracy, NFE per step and peak memory (seconds are in the tables)
+    fig = optuna.visualization.plot_pareto_front(
+        study, targets=lambda t: (t.values[1], t.values[3], t.values[0]),
+        target_names=["nfe_per_step", "peak_memory_mb", cfg.metric_names[0]])
     fig.write_html(str(path), include_plotlyjs=True)
     return path
