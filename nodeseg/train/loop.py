@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from nodeseg.data.transforms import AugmentConfig
 from nodeseg.errors import SolverError, TrainingDiverged, check_arg
 from nodeseg.losses import narrow_band_mse
+from nodeseg.priors import loss_terms as prior_loss_terms
 from nodeseg.tracking import Tracker
 from nodeseg.train import checkpoint as ckpt
 from nodeseg.train.ddp import DistInfo, all_reduce_sum, barrier
@@ -312,11 +313,16 @@ def fit(
                 failure = ""
                 sq_sum = torch.zeros((), device=info.device)
                 n_valid = float((valid != 0).sum())
+                prior_loss, prior_log = None, {}
                 try:
                     pred = ddp_model(image)
                     sq_sum = narrow_band_mse(pred, phi, valid, width=cfg.band_width, reduction="sum")
                     if not torch.isfinite(sq_sum):
                         failure = f"the loss became {sq_sum.item()}"
+                    # priors on the ODE's intermediate states (nodeseg.priors): None when all are off
+                    prior_loss, prior_log = prior_loss_terms(model)
+                    if prior_loss is not None and not torch.isfinite(prior_loss):
+                        failure = f"the prior penalties became {prior_log}"
                 except SolverError as err:
                     failure = str(err)
                 # one all-reduce per step: whether any rank failed, and the valid pixels of the global batch
@@ -329,6 +335,8 @@ def fit(
                 # the mean over the global batch's valid pixels; DDP averages gradients over ranks, hence × world, so
                 # that padded samples weigh the same as with one process whatever the split of the batch
                 loss = sq_sum * (world / max(global_valid, 1.0))
+                if prior_loss is not None:  # a per-rank mean: DDP's gradient average makes it the global one
+                    loss = loss + prior_loss
                 opt.zero_grad(set_to_none=True)
                 try:
                     loss.backward()
@@ -353,6 +361,7 @@ def fit(
                 }
                 if counts is not None:
                     rec["nfe_forward"], rec["nfe_backward"] = float(counts[0]), float(counts[1])
+                rec.update(prior_log)  # prior_<name>: each penalty's unweighted value (train log and MLflow)
                 steps_log.append(rec)
                 loss_sum += rec["loss"]
                 loss_n += 1
