@@ -331,7 +331,9 @@ class CurvatureFlow(nn.Module):
     stability region (dt ≈ 3.3/|λ|, |λ| ≤ 8ε): NFE grows linearly in ε, and atol no longer matters (pure
     curvature flow over t = 30 took the same 450 evaluations at atol 1e-3 and 1e-4) — a stiff term, not a
     runaway. (With first_step null the automatic first step no longer collapses: 14 instead of 44.)
-        def __init__(self, func: nn.Module, eps: float, *, learn: bool = False, cap: float = math.inf,
+    """
+
+    def __init__(self, func: nn.Module, eps: float, *, learn: bool = False, cap: float = math.inf,
                  floor: float = 1e-2) -> None:
         super().__init__()
         check_arg(_number(eps) and eps > 0, "curvature", eps, "a number > 0")
