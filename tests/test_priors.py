@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pipeline_params import tiny_params
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -17,7 +18,7 @@ from nodeseg.data.transforms import AugmentConfig
 from nodeseg.errors import ConfigError
 from nodeseg.levelset import signed_distance
 from nodeseg.models.registry import build_model
-from nodeseg.models.spec import build_from_spec, make_spec
+from nodeseg.models.spec import build_from_spec, load_model, make_spec
 from nodeseg.params import ContourSection, load_params
 from nodeseg.priors import (
     CurvatureFlow,
@@ -33,7 +34,9 @@ from nodeseg.priors import (
     smooth_length,
 )
 from nodeseg.solve import ODESolver, SolverConfig
+from nodeseg.stages.refine import refine, shape_prior_from_shards
 from nodeseg.tracking import Tracker
+from nodeseg.train import checkpoint as ckpt
 from nodeseg.train.ddp import DistInfo
 from nodeseg.train.loop import TrainConfig, fit
 
@@ -373,3 +376,18 @@ def test_training_with_priors_logs_each_penalty_and_all_off_trains_as_today(tmp_
     w_today = dict(today.named_parameters())["encoder.0.0.weight"]
     w_on = dict(on.named_parameters())["encoder.0.0.weight"]
     assert not torch.equal(w_today, w_on)
+
+
+def test_refine_fits_the_shape_prior_and_saves_it_with_the_model(run: dict[str, Path], tmp_path: Path) -> None:
+    params = tiny_params("contour.priors.shape=1.0", "contour.priors.shape_modes=4", "contour.priors.length=0.5",
+                         "contour.priors.curvature=0.05", "contour.priors.times=2")
+    refine(run["shards"], run["select"] / "model.pt", tmp_path, params)
+    payload = ckpt.load(tmp_path / "model.pt")
+    assert payload["model_spec"]["priors"]["shape"] == 1.0
+    expected = shape_prior_from_shards(run["shards"], params.contour.priors)
+    assert torch.equal(payload["model"]["shape_prior.modes"], expected.modes)
+    assert expected.modes.shape == (4, 32, 32)
+    model, _ = load_model(tmp_path / "model.pt", expect=("contour",))
+    assert model.shape_prior.fitted and isinstance(model.solver.func, CurvatureFlow)
+    header = (tmp_path / "train_log.csv").read_text().splitlines()[0].split(",")
+    assert {"prior_shape", "prior_length"} <= set(header) and "prior_area" not in header
