@@ -391,3 +391,16 @@ def test_refine_fits_the_shape_prior_and_saves_it_with_the_model(run: dict[str, 
     assert model.shape_prior.fitted and isinstance(model.solver.func, CurvatureFlow)
     header = (tmp_path / "train_log.csv").read_text().splitlines()[0].split(",")
     assert {"prior_shape", "prior_length"} <= set(header) and "prior_area" not in header
+
+
+def test_evolution_strip_draws_one_row_per_model(tmp_path: Path) -> None:
+    from nodeseg import viz
+
+    phi, _ = _disc_sdf(24, 6.0, (11.5, 11.5))
+    phis = [phi[0, 0].numpy() + s for s in (0.0, -1.0, -2.0)]
+    path = viz.plot_evolution_strip(np.zeros((24, 24)), {"no prior": phis, "curvature": phis[::-1]},
+                                    [0.0, 0.5, 1.0], tmp_path / "strip.png", gt_phi=phis[0])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="one map per time"):
+        viz.plot_evolution_strip(np.zeros((24, 24)), {"a": phis[:2]}, [0.0, 0.5, 1.0], tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
