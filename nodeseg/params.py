@@ -15,6 +15,7 @@ from nodeseg.config import from_mapping, read_yaml, to_mapping
 from nodeseg.data.ingest import IngestConfig
 from nodeseg.data.synthetic import PhantomConfig
 from nodeseg.errors import ConfigError, check_arg
+from nodeseg.priors import PriorsConfig
 from nodeseg.solve import SolverConfig
 from nodeseg.stages.select import SelectConfig
 from nodeseg.train.loop import TrainConfig
@@ -42,6 +43,13 @@ class ModelSection:
     solver: SolverConfig = field(default_factory=SolverConfig)  # ignored by the plain UNet
     # the solver of eval mode (validation, evaluate, predict); null: ``solver``. Recorded in the model spec
     inference_solver: SolverConfig | None = None
+
+
+@dataclass(frozen=True)
+class ContourSection(ModelSection):
+    """The Contour Evolution model: a ``ModelSection`` with the priors on its ODE (``nodeseg.priors``)."""
+
+    priors: PriorsConfig = field(default_factory=PriorsConfig)
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,10 @@ def _node_default() -> ModelSection:
     return ModelSection(preset="tiny")
 
 
+def _contour_default() -> ContourSection:
+    return ContourSection(preset="tiny")
+
+
 @dataclass(frozen=True)
 class Params:
     """Everything in params.yaml."""
@@ -89,7 +101,7 @@ class Params:
     data: DataSection = field(default_factory=DataSection)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     unet: ModelSection = field(default_factory=_unet_default)
-    contour: ModelSection = field(default_factory=_node_default)
+    contour: ContourSection = field(default_factory=_contour_default)
     image: ModelSection = field(default_factory=_node_default)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     select: SelectConfig = field(default_factory=SelectConfig)

@@ -1,4 +1,5 @@
-"""Figures like the paper's: contours at intermediate ODE times (Fig. 1), predicted vs true contours (Fig. 3)."""
+"""Figures like the paper's: contours at intermediate ODE times (Fig. 1, and as a strip comparing models, e.g.
+with and without priors), predicted vs true contours (Fig. 3)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,35 @@ def plot_evolution(
     ax.set_title(title)
     ax.axis("off")
     ax.legend(loc="lower right", fontsize=6, framealpha=0.7)
+    return _save(fig, path)
+
+
+def plot_evolution_strip(
+    image: np.ndarray, rows: Mapping[str, Sequence[np.ndarray]], times: Sequence[float], path: Path,
+    gt_phi: np.ndarray | None = None, title: str = "Contour evolution over the ODE time",
+) -> Path:
+    """Fig. 1 as a strip: one row per model (e.g. "no prior", "curvature"), one panel per time in ``times``,
+    each the zero level set of that model's φ̂(t) over the image (and the ground truth)."""
+    names = list(rows)
+    for name in names:
+        if len(rows[name]) != len(times):
+            raise ValueError(f"argument 'rows' ({name!r}: {len(rows[name])} maps) must hold one map per time "
+                             f"({len(times)})")
+    fig, axes = plt.subplots(len(names), len(times), figsize=(2.2 * len(times), 2.3 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        for c, (phi, t) in enumerate(zip(rows[name], times, strict=True)):
+            ax = axes[r, c]
+            ax.imshow(image, cmap="gray")
+            if gt_phi is not None:
+                _draw(ax, gt_phi, _COLOURS["ground truth"], None, width=0.8)
+            _draw(ax, phi, _COLOURS["contour"], None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"t = {t:.2f}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
 

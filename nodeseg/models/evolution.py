@@ -8,6 +8,9 @@ rk4 in 2 steps).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,6 +19,7 @@ from nodeseg.errors import check_arg
 from nodeseg.models.blocks import ASPP, ConvNormAct, check_positive_int, zero_conv
 from nodeseg.models.odefunc import FuncKind, StackODEFunc, TupleStateFunc, build_odefunc
 from nodeseg.models.unet import UNet
+from nodeseg.priors import CurvatureFlow, PriorsConfig, ShapePrior, cfl_limit, priors_config, state_penalties
 from nodeseg.solve import ODESolver, SolverConfig, nfe_stats, ode_solvers
 
 
@@ -64,6 +68,12 @@ class ContourEvolution(_NFEMixin, nn.Module):
     φ(0) = unet(image) (the UNet has ``requires_grad=False`` and stays in eval mode), h(0) = λ(image).
     The state is passed to the solver as the tuple (φ, h) so that atol binds on φ. fθ's and ψ's last
     layers are zero-initialised: at initialisation the output equals φ(0) exactly.
+
+    ``priors`` (``nodeseg.priors``; all off by default, and then nothing of them is built): curvature motion
+    adds ε·κ|∇φ| to dφ/dt inside the solve; with a penalty weight above 0, a training forward solves at
+    t_k = k·t1/K and leaves the penalties on φ(t_k) in ``prior_penalties`` for the loop
+    (``nodeseg.priors.loss_terms``); ``shape_prior`` holds the fitted shape space (a buffer: saved with the
+    weights).
     """
 
     def __init__(
@@ -78,8 +88,10 @@ class ContourEvolution(_NFEMixin, nn.Module):
         norm_groups: int = 8,
         solver: SolverConfig | None = None,
         inference_solver: SolverConfig | None = None,
+        priors: PriorsConfig | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.priors = priors_config(priors)
         check_arg(isinstance(unet, UNet), "unet", type(unet).__name__, "a nodeseg UNet")
         check_positive_int("hidden_channels", hidden_channels)
         self.unet = unet.requires_grad_(False).eval()
@@ -89,8 +101,17 @@ class ContourEvolution(_NFEMixin, nn.Module):
         inner = build_odefunc(func, 1 + hidden_channels, func_channels=func_channels, func_layers=func_layers,
                               func_depth=func_depth, func_max_channels=func_max_channels,
                               norm_groups=norm_groups)
-        self.solver = ODESolver(TupleStateFunc(inner, (1, hidden_channels)), solver, inference_solver)
+        func: nn.Module = TupleStateFunc(inner, (1, hidden_channels))
+        pri = self.priors
+        if pri.curvature_on:
+            cfg = solver if solver is not None else SolverConfig()
+            cap = cfl_limit(cfg.fixed_step, cfg.step_size, cfg.first_step, cfg.t1)
+            func = CurvatureFlow(func, pri.curvature, learn=pri.learn_curvature, cap=cap, floor=pri.grad_floor)
+        self.solver = ODESolver(func, solver, inference_solver)
         self.head = _head(1 + hidden_channels, hidden_channels, norm_groups, zero_init=True)
+        if pri.shape > 0:
+            self.shape_prior = ShapePrior()
+        self.prior_penalties: dict[str, Tensor] = {}
 
     def train(self, mode: bool = True) -> ContourEvolution:
         super().train(mode)
@@ -107,12 +128,22 @@ class ContourEvolution(_NFEMixin, nn.Module):
         h0 = self.encoder(image)
         if times is not None:
             _check_times(times)
+        elif self.training and self.priors.penalised and torch.is_grad_enabled():
+            return self._penalised_forward(phi0.to(h0.dtype), h0)
         phi_t, h_t = self.solver((phi0.to(h0.dtype), h0), times)
         if times is None:
             return phi_t[-1] + self.head(torch.cat([phi_t[-1], h_t[-1]], dim=1))
         T, B = phi_t.shape[:2]
         gamma = torch.cat([phi_t, h_t], dim=2).flatten(0, 1)
         return phi_t + self.head(gamma).unflatten(0, (T, B))
+
+    def _penalised_forward(self, phi0: Tensor, h0: Tensor) -> Tensor:
+        """φ̂ as ``forward`` gives it, solving at t_0 = 0, t_1, …, t_K = t1; the penalties on φ(t_k) are kept."""
+        k, t1 = self.priors.times, self.solver.config.t1
+        times = torch.tensor([t1 * i / k for i in range(k)] + [t1], dtype=h0.dtype, device=h0.device)
+        phi_t, h_t = self.solver((phi0, h0), times)
+        self.prior_penalties = state_penalties(phi_t, self.priors, getattr(self, "shape_prior", None))
+        return phi_t[-1] + self.head(torch.cat([phi_t[-1], h_t[-1]], dim=1))
 
 
 class ImageEvolution(_NFEMixin, nn.Module):

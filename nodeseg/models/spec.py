@@ -29,6 +29,9 @@ def make_spec(kind: str, section: Any, in_channels: int = 1, unet: dict[str, Any
         if unet is None:
             raise ValueError("argument 'unet' must be the spec of the pretrained UNet for kind 'contour'")
         spec["unet"] = unet
+        priors = getattr(section, "priors", None)
+        if priors is not None and priors.enabled:  # all off: the spec (and the resume fingerprint) as before
+            spec["priors"] = to_mapping(priors)
     return spec
 
 
@@ -60,6 +63,8 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
             kwargs[key] = spec[key]
     if kind == "contour":
         kwargs["unet"] = build_from_spec(spec["unet"])
+        if "priors" in spec:
+            kwargs["priors"] = spec["priors"]
     return build_model(kind, spec.get("preset"), **kwargs)
 
 

@@ -154,7 +154,7 @@ class TrialRunner:
         self.train_set, self.val_set = datasets(Path(shards), self.train_cfg, params.seed)
         self.preprocessing = preprocessing
         self.channels = image_channels(self.train_set)
-        self.build = contour_builder(Path(unet_checkpoint), params.contour)
+        self.build = contour_builder(Path(unet_checkpoint), params.contour, Path(shards))
         self.build(self.channels)  # checks the UNet against the shards before any trial starts
 
     def _build(self, solver: Any, inference: Any = None) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from nodeseg.data.transforms import AugmentConfig
 from nodeseg.errors import SolverError, TrainingDiverged, check_arg
 from nodeseg.losses import balanced_mean, narrow_band_mse, narrow_band_sums
+from nodeseg.priors import loss_terms as prior_loss_terms
 from nodeseg.regularisers import REGULARISERS
 from nodeseg.solve import regulariser_values, set_regularisation
 from nodeseg.tracking import Tracker
@@ -343,6 +344,7 @@ def fit(
                 n_valid = float((valid != 0).sum())
                 balanced = global_step < cfg.class_balance_steps
                 n_in = float(((valid != 0) & (phi < 0)).sum()) if balanced else 0.0
+                prior_loss, prior_log = None, {}
                 try:
                     pred = ddp_model(image)
                     if balanced:
@@ -352,6 +354,10 @@ def fit(
                         sq_sum = narrow_band_mse(pred, phi, valid, width=cfg.band_width, reduction="sum")
                     if not torch.isfinite(sq_sum):
                         failure = f"the loss became {sq_sum.item()}"
+                    # priors on the ODE's intermediate states (nodeseg.priors): None when all are off
+                    prior_loss, prior_log = prior_loss_terms(model)
+                    if prior_loss is not None and not torch.isfinite(prior_loss):
+                        failure = f"the prior penalties became {prior_log}"
                 except SolverError as err:
                     failure = str(err)
                 # one all-reduce per step: whether any rank failed, the valid (and object) pixels of the global batch
@@ -372,6 +378,8 @@ def fit(
                 reg = regulariser_values(model) if weights else {}
                 for name, value in reg.items():  # a mean over this rank's samples: DDP averages it over ranks
                     loss = loss + weights[name] * value
+                if prior_loss is not None:  # a per-rank mean: DDP's gradient average makes it the global one
+                    loss = loss + prior_loss
                 opt.zero_grad(set_to_none=True)
                 try:
                     loss.backward()
@@ -401,6 +409,7 @@ def fit(
                     for name, value in reg.items():  # the integral, and its weighted share of this rank's loss
                         rec[name] = float(value.detach())
                         rec[f"{name}_share"] = weights[name] * rec[name] / total if total > 0 else 0.0
+                rec.update(prior_log)  # prior_<name>: each penalty's unweighted value (train log and MLflow)
                 steps_log.append(rec)
                 loss_sum += rec["loss"]
                 loss_n += 1
