@@ -85,7 +85,8 @@ def run_training(
                          info=info, tracker=tracker, stage=stage)
             if info.is_main:
                 if export_best:
-                    choice = select_checkpoint(out, out, SelectConfig(samples=cfg.select_samples, metric="val_loss"))
+                    choice = select_checkpoint(out, out, SelectConfig(samples=cfg.select_samples, metric="val_loss"),
+                                               warn=False)  # fit has warned of a small split
                     tracker.set_tags({"nodeseg.selected_epoch": choice["epoch"],
                                       "nodeseg.selection": choice["reason"]})
                 for name in ("train_log.csv", "val_log.csv", "selection.json"):
