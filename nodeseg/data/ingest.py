@@ -41,8 +41,8 @@ from nodeseg.data.readers import READERS, ItemResult, Reader, get_reader
 from nodeseg.data.shardio import MANIFEST_NAME, SCHEMA_VERSION, ShardWriter
 from nodeseg.errors import InputError, check_arg
 
-__all__ = ["SPLIT_DIRS", "IngestConfig", "build_shards", "group_items", "resolve_workers", "split_folders",
-           "split_ids"]
+__all__ = ["SPLIT_DIRS", "IngestConfig", "assign_splits", "build_shards", "group_items", "resolve_workers",
+           "split_folders", "split_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +133,16 @@ def group_items(ids: Sequence[str], pattern: str | None, where: Mapping[str, Pat
     return out
 
 
-def _assign(groups: Mapping[str, str], fixed: Mapping[str, str], cfg: IngestConfig, seed: int) -> dict[str, list[str]]:
-    """split name → sorted item ids. ``fixed`` gives the items of explicit split folders their split (items
-    of a train/ folder without a val/ folder are left to the group split, as are all items without folders)."""
+def assign_splits(groups: Mapping[str, str], cfg: IngestConfig, seed: int,
+                  fixed: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+    """split name → sorted item ids, from ``groups`` (item → patient, :func:`group_items`).
+
+    The patients are split by :func:`split_ids` (``cfg.val_fraction``, ``seed``), and each item goes where its
+    patient went. ``fixed`` (item → split) gives the items of explicit split folders their split; the items
+    of a train/ folder without a val/ folder are left to the patient split, as are all items without
+    folders. With ``cfg.single_split`` every item goes to that split.
+    """
+    fixed = fixed or {}
     if cfg.single_split is not None:
         return {cfg.single_split: sorted(groups)}
     splits: dict[str, list[str]] = {"train": [], "val": []}
@@ -302,7 +309,7 @@ def build_shards(
                                "train/ folder: add train/, or set ingest.single_split to write one split")
     groups = group_items(sorted(items), cfg.group_pattern, where)
     ids = sorted(items)
-    assignment = _assign(groups, fixed if cfg.single_split is None else {}, cfg, seed)
+    assignment = assign_splits(groups, cfg, seed, fixed)
     split_of = {i: name for name, members in assignment.items() for i in members}
     if cfg.group_pattern is not None and cfg.single_split is None:
         _check_groups_apart(groups, split_of, where, cfg.group_pattern)

@@ -176,7 +176,8 @@ def load_mask(path: str | os.PathLike[str], threshold: float = 0.5, require_bina
         im = im.convert("L")
     if im.mode not in ("1", "L", "I;16", "I"):
         raise InputError(path, f"mask must be single-channel grey or binary, got mode {im.mode!r} "
-                               f"with {len(im.getbands())} channels; save it as 8-bit grey ('L')")
+                               f"with {len(im.getbands())} channels; save it as 8-bit grey ('L'), or map its colours "
+                               "to labels with ingest.mask_colors")
     a = np.asarray(im)
     if a.dtype == np.bool_:
         return a.astype(np.uint8)
