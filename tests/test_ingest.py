@@ -324,3 +324,21 @@ def test_an_ingest_worker_never_loads_torch(phantom_root: Path) -> None:
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout[:300]
+
+
+def test_cli_refuses_one_case_that_leaves_val_empty(phantom_root: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 21 item 4: one case cannot be split into train and val; refused before anything is written."""
+    from nodeseg.cli import main
+
+    raw = _copy_cases(phantom_root, tmp_path / "raw", ["case_00000"])
+    params = tmp_path / "params.yaml"
+    params.write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    out = tmp_path / "shards"
+    code = main(["preprocess", "--params", str(params), "--raw", str(raw), "--out", str(out),
+                 "--set", "data.workers=1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert lines[-1].startswith("nodeseg preprocess: error: ") and str(raw) in lines[-1]
+    assert "the val split would be empty: 1 case(s) split as train 1, val 0" in lines[-1]
+    assert not out.exists() and not list(tmp_path.glob("shards.tmp-*"))
