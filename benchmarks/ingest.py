@@ -131,8 +131,9 @@ def time_ingest(root: Path, out: Path, size: int, workers: int, pseudo_ct: bool 
 
 def breakdown(root: Path, size: int, n_cases: int, pseudo_ct: bool = True) -> dict[str, float]:
     """Cumulative seconds per library step of the ingest of the first ``n_cases`` cases, in this process."""
-    from nodeseg.data.ingest import IngestConfig, _kits_case
+    from nodeseg.data.ingest import IngestConfig
     from nodeseg.data.kits19 import list_cases
+    from nodeseg.data.readers.kits19 import read_case
 
     cfg = IngestConfig(pseudo_ct=pseudo_ct, size=size)
     cases = list_cases(root)[:n_cases]
@@ -141,7 +142,7 @@ def breakdown(root: Path, size: int, n_cases: int, pseudo_ct: bool = True) -> di
     prof.enable()
     rows = 0
     for c in cases:
-        rows += len(_kits_case(str(c), cfg, 0).records)
+        rows += len(read_case(str(c), cfg, 0).records)
     prof.disable()
     total = time.perf_counter() - t0
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]

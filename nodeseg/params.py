@@ -12,7 +12,8 @@ from typing import Any, Literal, get_type_hints
 import yaml
 
 from nodeseg.config import from_mapping, read_yaml, to_mapping
-from nodeseg.data.ingest import IngestConfig
+from nodeseg.data.ingest_config import IngestConfig
+from nodeseg.data.readers import READERS
 from nodeseg.data.synthetic import PhantomConfig
 from nodeseg.errors import ConfigError, check_arg
 from nodeseg.priors import PriorsConfig
@@ -26,11 +27,12 @@ from nodeseg.tuning.config import TuneConfig
 class DataSection:
     """Where the raw data comes from. ``root`` is read by dvc.yaml to build the preprocess command line."""
 
-    source: Literal["kits19", "saliency"] = "kits19"
+    source: str = "kits19"  # a reader of nodeseg.data.readers.READERS: kits19, saliency
     root: str = "data/raw/phantom"
     workers: int = 0  # preprocessing processes; 0 = every core
 
     def __post_init__(self) -> None:
+        check_arg(self.source in READERS, "source", self.source, "one of " + ", ".join(map(repr, READERS)))
         check_arg(self.workers >= 0, "workers", self.workers, ">= 0 (0 = every core)")
 
 

@@ -283,6 +283,13 @@ def _misnamed(tmp: Path, base: Base) -> list[str]:
     return _preprocess(tmp)
 
 
+@case("one-case", "a raw folder with one case (the split would leave val empty)", "preprocess", "{tmp}/raw",
+      "the val split would be empty: 1 case(s) split as train 1, val 0 case(s) with ingest.val_fraction 0.2")
+def _one_case(tmp: Path, base: Base) -> list[str]:
+    _kits(tmp, 1)
+    return _preprocess(tmp)
+
+
 @case("raw-missing", "`--raw` names a folder that does not exist", "preprocess", "{tmp}/nowhere",
       "not a folder: expected a KiTS19 root holding case_XXXXX folders")
 def _raw_missing(tmp: Path, base: Base) -> list[str]:
@@ -362,6 +369,35 @@ def _colour_mask(tmp: Path, base: Base) -> list[str]:
 def _mask_size(tmp: Path, base: Base) -> list[str]:
     root = _saliency(tmp)
     Image.fromarray(np.zeros((12, 10), np.uint8)).save(root / "masks" / "b.png")
+    return _preprocess(tmp, "sal", SALIENCY)
+
+
+@case("saliency-unknown-colour", "an RGB mask holding a red that `ingest.mask_colors: {1: [0, 0, 255]}` does not map",
+      "preprocess", "{tmp}/sal/masks/a.png",
+      "colour [255, 0, 0] (25 pixels, first at (row, col) = (3, 3)) is not in ingest.mask_colors")
+def _unknown_colour(tmp: Path, base: Base) -> list[str]:
+    root = _saliency(tmp)
+    rgb = np.zeros((12, 12, 3), np.uint8)
+    rgb[3:8, 3:8] = (255, 0, 0)
+    for stem in ("a", "b"):
+        Image.fromarray(rgb).save(root / "masks" / f"{stem}.png")
+    return _preprocess(tmp, "sal", [*SALIENCY, "--set", "ingest.mask_colors={1: [0, 0, 255]}"])
+
+
+@case("group-pattern-mismatch", "an image name that `ingest.group_pattern` does not match", "preprocess",
+      "{tmp}/sal/images/b.jpg", "name 'b' does not match ingest.group_pattern '(p\\\\d+)_'")
+def _group_mismatch(tmp: Path, base: Base) -> list[str]:
+    root = _saliency(tmp, ("p1_1", "p2_1", "b"))
+    assert (root / "images" / "b.jpg").exists()
+    return _preprocess(tmp, "sal", [*SALIENCY, "--set", "ingest.group_pattern=(p\\d+)_"])
+
+
+@case("split-folders-mixed", "a raw folder holding `train/` beside `images/` and `masks/`", "preprocess", "{tmp}/sal",
+      "holds split folders (train/) and other folders ('images', 'masks')")
+def _split_mixed(tmp: Path, base: Base) -> list[str]:
+    root = _saliency(tmp)
+    shutil.copytree(root, tmp / "train")
+    shutil.move(tmp / "train", root / "train")
     return _preprocess(tmp, "sal", SALIENCY)
 
 
@@ -514,6 +550,15 @@ def _corrupt_parquet(tmp: Path, base: Base) -> list[str]:
 def _missing_shard(tmp: Path, base: Base) -> list[str]:
     shutil.copytree(base.shards, tmp / "shards")
     (tmp / "shards" / "val" / "part-00000.parquet").unlink()
+    return _pretrain(tmp, tmp / "shards")
+
+
+@case("shards-empty-val", "shards without a val split (`ingest.single_split: train`)", "pretrain", "{tmp}/shards",
+      "the val split is empty (rows: train 4): training needs train and val rows")
+def _empty_val(tmp: Path, base: Base) -> list[str]:
+    _kits(tmp / "src")
+    assert main(["preprocess", *COMMON, "--set", "ingest.single_split=train", "--raw", str(tmp / "src" / "raw"),
+                 "--out", str(tmp / "shards")]) == 0
     return _pretrain(tmp, tmp / "shards")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -155,24 +156,38 @@ def test_refuses_to_replace_a_foreign_folder(phantom_root: Path, tmp_path: Path)
 
 
 def test_case_without_kidney_contributes_no_rows(phantom_root: Path, tmp_path: Path) -> None:
-    root = _copy_cases(phantom_root, tmp_path / "raw", ["case_00000"])
-    empty = root / "case_00001"
+    names = ["case_00000", "case_00001", "case_00002"]
+    train, val = split_ids(names, SMALL.val_fraction, seed=0)
+    good = [train[0], val[0]]
+    root = _copy_cases(phantom_root, tmp_path / "raw", good)
+    empty = root / train[1]
     empty.mkdir()
     affine = kits_affine(PHANTOM.spacing)
     nib.save(nib.Nifti1Image(np.zeros((5, 64, 64), np.uint8), affine), empty / SEGMENTATION)
     nib.save(nib.Nifti1Image(np.zeros((5, 64, 64), np.int16), affine), empty / IMAGING)
-    with pytest.warns(UserWarning, match="case_00001: no slice with label\\(s\\) 1"):
+    with pytest.warns(UserWarning, match=f"{train[1]}: no slice with label\\(s\\) 1"):
         manifest = build_shards("kits19", root, tmp_path / "s", SMALL, seed=0, workers=1)
-    assert list(manifest["items_without_rows"]) == ["case_00001"]
-    assert manifest["rows"] == _kept_per_case(phantom_root)["case_00000"]
+    assert list(manifest["items_without_rows"]) == [train[1]]
+    kept = _kept_per_case(phantom_root)
+    assert manifest["rows"] == kept[good[0]] + kept[good[1]]
+    assert manifest["splits"]["train"]["cases"] == train  # the empty case still belongs to its patient's split
+    # when the cases without rows are all of a split, that split would be empty: refused, nothing written
+    shutil.rmtree(root / train[0])
+    train2, _ = split_ids([train[1], val[0]], SMALL.val_fraction, seed=0)
+    lost = "train" if train2 == [train[1]] else "val"
+    with pytest.warns(UserWarning), pytest.raises(InputError, match=(
+            f"every case of the {lost} split \\(1: {train[1]}\\) lacks a slice with label\\(s\\) 1 "
+            rf"\(ingest.keep_labels\): the {lost} split would be empty \(rows: train \d+, val \d+\)")):
+        build_shards("kits19", root, tmp_path / "s2", SMALL, seed=0, workers=1)
+    assert not (tmp_path / "s2").exists()
 
 
 def test_labels_only_folder_needs_pseudo_ct(phantom_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "labels"
     (root / "case_00000").mkdir(parents=True)
     (root / "case_00000" / SEGMENTATION).write_bytes((phantom_root / "case_00000" / SEGMENTATION).read_bytes())
-    with pytest.raises(InputError, match="set pseudo_ct"):
-        build_shards("kits19", root, tmp_path / "s", SMALL, seed=0, workers=1)
+    with pytest.raises(InputError, match="set pseudo_ct"):  # one case: one split (two would leave val empty)
+        build_shards("kits19", root, tmp_path / "s", dataclasses.replace(SMALL, single_split="train"), 0, 1)
     cfg = dataclasses.replace(SMALL, pseudo_ct=True, single_split="train")
     manifest = build_shards("kits19", root, tmp_path / "s", cfg, seed=0, workers=1)
     rows = list(read_records(shard_files(tmp_path / "s", "train")))
@@ -301,10 +316,29 @@ def test_an_ingest_worker_never_loads_torch(phantom_root: Path) -> None:
     never import it."""
     case = sorted(phantom_root.iterdir())[0]
     code = ("import sys\n"
-            "from nodeseg.data.ingest import IngestConfig, _init_worker, _kits_case\n"
+            "from nodeseg.data.ingest import IngestConfig, _init_worker\n"
+            "from nodeseg.data.readers.kits19 import read_case\n"
             "_init_worker()\n"
-            f"r = _kits_case({str(case)!r}, IngestConfig(size=32), 0)\n"
+            f"r = read_case({str(case)!r}, IngestConfig(size=32), 0)\n"
             "assert r.records, 'no rows'\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout[:300]
+
+
+def test_cli_refuses_one_case_that_leaves_val_empty(phantom_root: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 21 item 4: one case cannot be split into train and val; refused before anything is written."""
+    from nodeseg.cli import main
+
+    raw = _copy_cases(phantom_root, tmp_path / "raw", ["case_00000"])
+    params = tmp_path / "params.yaml"
+    params.write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    out = tmp_path / "shards"
+    code = main(["preprocess", "--params", str(params), "--raw", str(raw), "--out", str(out),
+                 "--set", "data.workers=1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert lines[-1].startswith("nodeseg preprocess: error: ") and str(raw) in lines[-1]
+    assert "the val split would be empty: 1 case(s) split as train 1, val 0" in lines[-1]
+    assert not out.exists() and not list(tmp_path.glob("shards.tmp-*"))

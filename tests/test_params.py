@@ -52,7 +52,7 @@ def test_overrides_and_later_files_win(tmp_path: Path) -> None:
         ("contour:\n  solver:\n    method: rk45\n", "contour.solver.method: expected one of"),
         ("pretrain:\n  batch_size: 0\n", "batch_size"),
         ("bogus_section: 1\n", "unknown key 'bogus_section'"),
-        ("data:\n  source: nifti\n", "data.source: expected one of 'kits19', 'saliency'"),
+        ("data:\n  source: nifti\n", "data: argument 'source' must be one of 'kits19', 'saliency', got 'nifti'"),
         ("- a\n- b\n", "expected a mapping"),
         ("refine: [\n", "not valid YAML"),
     ],

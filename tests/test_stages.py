@@ -104,3 +104,47 @@ def test_table_flags_an_adaptive_fbeta_of_zero_instead_of_printing_a_bare_zero()
     assert "| 0 † |" in table and "capped at 1" in table
     assert "| 0.4000 |" in table and "| n/a |" in table
     assert "capped" not in table_markdown({"contour": {**row, "adaptive_fbeta": 0.4}})
+
+
+def _saliency_folder(root: Path, n: int, size: int = 24) -> Path:
+    """``n`` random RGB images with a disc mask each, in ``images/`` + ``masks/``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        r = 4 + i % 5
+        disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < r * r).astype(np.uint8) * 255
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / "images" / f"im{i:02d}.png")
+        Image.fromarray(disc).save(root / "masks" / f"im{i:02d}.png")
+    return root
+
+
+def test_a_val_split_smaller_than_select_samples_trains_and_selects(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    from nodeseg.stages.preprocess import preprocess
+    from nodeseg.stages.pretrain import pretrain
+    from nodeseg.stages.select import select_checkpoint
+
+    params = tiny_params("data.source=saliency", "ingest.saliency_crop=24", "ingest.val_fraction=0.3",
+                         "pretrain.epochs=1")
+    assert params.select.samples == params.pretrain.select_samples == 8  # the defaults
+    manifest = preprocess(_saliency_folder(tmp_path / "raw", 10), tmp_path / "shards", params)
+    assert manifest["splits"]["val"]["rows"] == 3
+    with caplog.at_level("WARNING"):
+        pretrain(tmp_path / "shards", tmp_path / "pretrain", params)
+    trained = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "validation split" in r.getMessage()]
+    assert len(trained) == 1 and "3 sample(s), fewer than pretrain.select_samples (8)" in trained[0]
+    payload = ckpt.load(ckpt.list_checkpoints(tmp_path / "pretrain" / "checkpoints")[0][1])
+    assert len(payload["val_head"]) == 3 and "val_loss_first3" in payload["metrics"]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        summary = select_checkpoint(tmp_path / "pretrain", tmp_path / "select", params.select)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == summary["warnings"]
+    assert summary["samples"] == 3 and summary["metric"] == "val_loss_first3"
+    assert len(summary["warnings"]) == 1 and "fewer than select.samples (8)" in summary["warnings"][0]
+    assert summary["value"] == pytest.approx(sum(payload["val_head"]) / 3, rel=1e-12)
+    written = json.loads((tmp_path / "select" / "selection.json").read_text())
+    assert written["warnings"] == summary["warnings"] and (tmp_path / "select" / "model.pt").exists()

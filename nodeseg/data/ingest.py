@@ -1,12 +1,18 @@
-"""Raw source → parquet shards: case by case, a bounded worker pool, a patient split, atomic output.
+"""Raw source → parquet shards: item by item, a bounded worker pool, a patient split, atomic output.
 
 ``build_shards`` writes ``<out>/train/part-*.parquet``, ``<out>/val/part-*.parquet`` and
 ``<out>/manifest.json``. Everything is built in ``<out>.tmp-XXXX`` beside ``out`` and renamed over it at
 the end, so a failure leaves no partial output (and an older build stays in place).
 
-KiTS19 slices: the slices that contain any of ``keep_labels`` (default kidney, label 1), windowed and
-normalised, resized to ``size``² (image antialiased bilinear, mask by majority vote), φ recomputed on the
-resized mask. Saliency images: thresholded mask, placed on a ``saliency_crop``² canvas with a ``valid`` mask.
+What an item is and how it becomes rows is the source's reader (:mod:`nodeseg.data.readers`: KiTS19 cases,
+saliency images). This module splits the items and writes them:
+
+- explicit ``train/``, ``val/`` (and ``test/``) subfolders of the root, each in the source's own layout, are
+  the split (the DUTS-TR / DUTS-TE habit); with ``train/`` but no ``val/``, val is drawn from train's groups;
+- otherwise the items' groups are split by :func:`split_ids`. A group is a patient: with
+  ``ingest.group_pattern`` the id its regex takes from the item id (``(.+)_\\d+`` groups ``p07_012.png`` and
+  ``p07_013.png`` as ``p07``), without it each item is its own group (a KiTS19 case is one patient);
+- a split that would leave train or val empty is refused before anything is read.
 """
 
 from __future__ import annotations
@@ -19,108 +25,30 @@ import shutil
 import tempfile
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from nodeseg.atomic import replace_dir
 from nodeseg.config import to_mapping
-from nodeseg.data.kits19 import (
-    MAX_AXIS,
-    MAX_VOXELS,
-    foreground,
-    kept_slices,
-    list_cases,
-    normalise_hu,
-    open_case,
-    take_slices,
-)
-from nodeseg.data.saliency import SaliencyPair, find_pairs, load_image, load_mask
-from nodeseg.data.shardio import MANIFEST_NAME, SCHEMA_VERSION, ShardWriter, SliceRecord
-from nodeseg.data.synthetic import PhantomConfig, synthesize_imaging
-from nodeseg.data.transforms import fit_canvas, resize_image, resize_mask
+from nodeseg.data.ingest_config import IngestConfig, group_regex
+from nodeseg.data.readers import READERS, ItemResult, Reader, get_reader
+from nodeseg.data.shardio import MANIFEST_NAME, SCHEMA_VERSION, ShardWriter
 from nodeseg.errors import InputError, check_arg
-from nodeseg.levelset import signed_distance
 
-__all__ = ["IngestConfig", "build_shards", "resolve_workers", "split_ids"]
+__all__ = ["SPLIT_DIRS", "IngestConfig", "assign_splits", "build_shards", "group_items", "resolve_workers",
+           "split_folders", "split_ids"]
 
 log = logging.getLogger(__name__)
 
 SPLIT_RULE = ("sorted ids, permuted by numpy.random.default_rng(seed); the first round(n * val_fraction) "
               "of the permutation form val (at least 1 and at most n - 1 when val_fraction > 0)")
-
-
-@dataclass(frozen=True)
-class IngestConfig:
-    """Ingestion parameters (the ``ingest`` section of params.yaml)."""
-
-    size: int = 200  # KiTS19 slices are resized to size × size
-    hu_window: tuple[float, float] = (-79.0, 304.0)  # nnU-Net's KiTS19 foreground 0.5 / 99.5 percentiles
-    normalisation: Literal["minmax", "zscore"] = "minmax"  # minmax: window → [0, 1]
-    zscore_stats: tuple[float, float] = (101.0, 76.9)  # (mean, std) HU for zscore
-    foreground_labels: tuple[int, ...] = (1, 2)  # target: kidney ∪ tumour
-    keep_labels: tuple[int, ...] = (1,)  # a slice is kept if it holds any of these labels
-    val_fraction: float = 0.2
-    single_split: Literal["train", "val", "test"] | None = None  # put everything in this split instead
-    clip: float = 32.0  # φ clipped to ±clip pixels
-    pseudo_ct: bool = False  # synthesise imaging from the labels where imaging.nii.gz is absent
-    phantom: PhantomConfig = PhantomConfig()  # appearance of the pseudo-CT
-    shard_rows: int = 1000  # rows per parquet file
-    row_group_mb: float = 4.0  # row groups of about this many MiB (a random read decodes one)
-    saliency_threshold: float = 0.5  # soft ground truth: foreground where value > threshold
-    saliency_crop: int = 512  # canvas side for saliency images (zero padded, valid = 0 there)
-    saliency_oversize: Literal["shrink", "crop"] = "shrink"  # images larger than the canvas
-    require_binary_masks: bool = False
-    image_dir: str | None = None  # saliency image folder name (auto-detected when None)
-    mask_dir: str | None = None
-    max_axis: int = MAX_AXIS  # refuse volumes beyond these, from the header
-    max_voxels: int = MAX_VOXELS
-
-    def __post_init__(self) -> None:
-        def bad(name: str, expected: str) -> ValueError:
-            return ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
-
-        if not (isinstance(self.size, int) and 8 <= self.size <= 4096):
-            raise bad("size", "an integer in [8, 4096]")
-        lo, hi = self.hu_window
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise bad("hu_window", "(low, high) HU with low < high")
-        if self.normalisation not in ("minmax", "zscore"):
-            raise bad("normalisation", "one of 'minmax', 'zscore'")
-        if not (math.isfinite(self.zscore_stats[0]) and math.isfinite(self.zscore_stats[1]) and self.zscore_stats[1] > 0):
-            raise bad("zscore_stats", "(mean, std) with std > 0")
-        for name in ("foreground_labels", "keep_labels"):
-            labels = getattr(self, name)
-            if not (labels and len(set(labels)) == len(labels) and all(v in (1, 2) for v in labels)):
-                raise bad(name, "a non-empty list of distinct labels from 1 (kidney), 2 (tumour)")
-        if not (0.0 <= self.val_fraction < 1.0):
-            raise bad("val_fraction", "in [0, 1)")
-        if self.single_split not in (None, "train", "val", "test"):
-            raise bad("single_split", "null or one of 'train', 'val', 'test'")
-        if not (math.isfinite(self.clip) and self.clip > 0):
-            raise bad("clip", "a positive number")
-        if not isinstance(self.phantom, PhantomConfig):
-            raise bad("phantom", "a PhantomConfig")
-        if not (isinstance(self.shard_rows, int) and self.shard_rows >= 1):
-            raise bad("shard_rows", "a positive integer")
-        if not (math.isfinite(self.row_group_mb) and 0 < self.row_group_mb <= 1024):
-            raise bad("row_group_mb", "in (0, 1024]")
-        if not (0.0 <= self.saliency_threshold < 1.0):
-            raise bad("saliency_threshold", "in [0, 1)")
-        if not (isinstance(self.saliency_crop, int) and 8 <= self.saliency_crop <= 4096):
-            raise bad("saliency_crop", "an integer in [8, 4096]")
-        if self.saliency_oversize not in ("shrink", "crop"):
-            raise bad("saliency_oversize", "one of 'shrink', 'crop'")
-        if not (isinstance(self.max_axis, int) and self.max_axis >= 1):
-            raise bad("max_axis", "a positive integer")
-        if not (isinstance(self.max_voxels, int) and self.max_voxels >= 1):
-            raise bad("max_voxels", "a positive integer")
+SPLIT_DIRS = ("train", "val", "test")  # explicit split subfolders of a raw root (matched case-insensitively)
 
 
 def split_ids(ids: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -156,106 +84,115 @@ def resolve_workers(workers: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def split_folders(root: Path) -> dict[str, Path] | None:
+    """The explicit split subfolders of ``root`` (``train``/``val``/``test``, any case), or None if it has none.
+
+    A root that holds split folders and other folders is refused: it is not clear which layout is meant.
+    """
+    if not root.is_dir():
+        return None
+    found: dict[str, Path] = {}
+    others: list[str] = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        name = entry.name.lower()
+        if name in SPLIT_DIRS:
+            if name in found:
+                raise InputError(entry, f"a second {name}/ folder ({found[name].name} and {entry.name})")
+            found[name] = entry
+        else:
+            others.append(entry.name)
+    if not found:
+        return None
+    if others:
+        raise InputError(root, f"holds split folders ({', '.join(p.name + '/' for p in found.values())}) and other "
+                               f"folders ({', '.join(repr(o) for o in others[:3])}{', ...' if len(others) > 3 else ''}):"
+                               " put every item under train/, val/ or test/, or remove the split folders")
+    return {name: found[name] for name in SPLIT_DIRS if name in found}
+
+
+def group_items(ids: Sequence[str], pattern: str | None, where: Mapping[str, Path] | None = None) -> dict[str, str]:
+    """item id → group (patient) id: the regex ``pattern`` matched at the start of the id (its ``patient`` group,
+    else its first group); without a pattern each item is its own group. An id it does not match raises
+    InputError naming ``where[id]`` (the item's file) when given."""
+    if pattern is None:
+        return {i: i for i in ids}
+    regex = group_regex(pattern)
+    key: int | str = "patient" if "patient" in regex.groupindex else 1
+    out: dict[str, str] = {}
+    for i in ids:
+        m = regex.match(i)
+        group = m.group(key) if m else None
+        if not group:
+            path = where[i] if where and i in where else Path(i)
+            found = "does not match" if m is None else "matches with an empty patient group"
+            raise InputError(path, f"name {i!r} {found} ingest.group_pattern {pattern!r}: the pattern's first "
+                                   "group (or (?P<patient>...)) must take the patient id from every name")
+        out[i] = group
+    return out
+
+
+def assign_splits(groups: Mapping[str, str], cfg: IngestConfig, seed: int,
+                  fixed: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+    """split name → sorted item ids, from ``groups`` (item → patient, :func:`group_items`).
+
+    The patients are split by :func:`split_ids` (``cfg.val_fraction``, ``seed``), and each item goes where its
+    patient went. ``fixed`` (item → split) gives the items of explicit split folders their split; the items
+    of a train/ folder without a val/ folder are left to the patient split, as are all items without
+    folders. With ``cfg.single_split`` every item goes to that split.
+    """
+    fixed = fixed or {}
+    if cfg.single_split is not None:
+        return {cfg.single_split: sorted(groups)}
+    splits: dict[str, list[str]] = {"train": [], "val": []}
+    free = sorted(i for i in groups if i not in fixed)
+    for i, name in sorted(fixed.items()):
+        splits.setdefault(name, []).append(i)
+    free_groups = sorted({groups[i] for i in free})
+    train_g, val_g = split_ids(free_groups, cfg.val_fraction, seed)
+    val_set = set(val_g)
+    for i in free:
+        splits["val" if groups[i] in val_set else "train"].append(i)
+    return {name: sorted(members) for name, members in splits.items()}
+
+
+def _check_groups_apart(groups: Mapping[str, str], split_of: Mapping[str, str], where: Mapping[str, Path],
+                        pattern: str) -> None:
+    """With explicit split folders and a group pattern: a patient in two splits is refused."""
+    seen: dict[str, tuple[str, str]] = {}
+    for i in sorted(groups):
+        g = groups[i]
+        if g in seen and seen[g][0] != split_of[i]:
+            raise InputError(where[i], f"patient {g!r} (ingest.group_pattern {pattern!r}) is in {split_of[i]}/ and "
+                                       f"in {seen[g][0]}/ ({seen[g][1]!r}): move its images into one split folder")
+        seen.setdefault(g, (split_of[i], i))
+
+
+def _refuse_empty(root: Path, assignment: Mapping[str, list[str]], groups: Mapping[str, str], reader: Reader,
+                  cfg: IngestConfig, folders: Mapping[str, Path] | None) -> None:
+    """A train or val split without items cannot train or validate: one line, before anything is read."""
+    if cfg.single_split is not None:
+        return
+    for name in ("train", "val"):
+        if assignment.get(name):
+            continue
+        counts = ", ".join(f"{k} {len(v)}" for k, v in assignment.items())
+        n_groups = len(set(groups.values()))
+        where = f" from folders {', '.join(p.name + '/' for p in folders.values())}" if folders else ""
+        grouped = f" in {n_groups} patient group(s)" if cfg.group_pattern is not None else ""
+        raise InputError(root, f"the {name} split would be empty: {len(groups)} {reader.noun}(s){grouped}{where} "
+                               f"split as {counts} {reader.noun}(s) with ingest.val_fraction {cfg.val_fraction}; "
+                               f"training needs both: give at least 2 {'patients' if grouped else reader.noun + 's'}"
+                               f" and val_fraction > 0, or a {name}/ folder, or set ingest.single_split to "
+                               "write one split")
+
+
 # --------------------------------------------------------------------------------------------------------
 # per-item work (runs in worker processes)
 
 
-@dataclass
-class _ItemResult:
-    item_id: str
-    records: list[SliceRecord]
-    slices_total: int = 0
-    empty_masks: int = 0
-    skipped: str | None = None
-    warnings: list[str] = field(default_factory=list)
-
-
-def _kits_case(folder: str, cfg: IngestConfig, seed: int) -> _ItemResult:
-    case = open_case(folder, require_imaging=not cfg.pseudo_ct, max_axis=cfg.max_axis, max_voxels=cfg.max_voxels)
-    seg = case.load_segmentation()
-    keep = kept_slices(seg, cfg.keep_labels)
-    n_total = int(seg.shape[0])
-    if keep.size == 0:
-        labels = ", ".join(str(v) for v in cfg.keep_labels)
-        reason = f"no slice with label(s) {labels}: the case contributes no rows"
-        return _ItemResult(case.case_id, [], n_total, skipped=reason, warnings=[f"{case.folder}: {reason}"])
-    seg_k = take_slices(seg, keep)
-    del seg
-    h, w = seg_k.shape[1:]
-    size = (cfg.size, cfg.size)
-    spacing = (case.spacing[1] * h / cfg.size, case.spacing[2] * w / cfg.size)
-    masks = np.stack([resize_mask(foreground(s, cfg.foreground_labels), size) for s in seg_k])
-    if case.has_imaging:
-        hu = case.load_imaging(keep)
-        image = np.stack([resize_image(p, size) for p in normalise_hu(hu, cfg.hu_window, cfg.normalisation,
-                                                                        cfg.zscore_stats, inplace=True)])
-        source = "kits19"
-    else:
-        # the pseudo-CT is rendered at the output grid from the shrunk labels, with the blur and noise
-        # that rendering at the source grid and shrinking would leave (synthesize_imaging's source_spacing)
-        rng = np.random.default_rng(np.random.SeedSequence([seed, int(case.case_id[5:])]))
-        hu = synthesize_imaging(_shrunk_labels(seg_k, masks, cfg.foreground_labels, size), rng,
-                                spacing=(case.spacing[0], *spacing), cfg=cfg.phantom, slice_indices=keep,
-                                source_spacing=case.spacing[1:])
-        image = normalise_hu(hu, cfg.hu_window, cfg.normalisation, cfg.zscore_stats)
-        source = "kits19-pseudo-ct"
-    del hu
-    valid = np.ones(size, dtype=np.uint8)
-    records = [
-        SliceRecord(
-            case_id=case.case_id,
-            slice_index=int(s),
-            image=image[j][None],
-            mask=masks[j],
-            phi=signed_distance(masks[j], clip=cfg.clip),
-            valid=valid,
-            spacing=spacing,
-            source=source,
-        )
-        for j, s in enumerate(keep)
-    ]
-    empty = int(np.count_nonzero(~masks.any(axis=(1, 2))))
-    return _ItemResult(case.case_id, records, n_total, empty_masks=empty)
-
-
-def _shrunk_labels(seg: np.ndarray, masks: np.ndarray, foreground_labels: Sequence[int],
-                   size: tuple[int, int]) -> np.ndarray:
-    """Labels (0, 1, 2) of ``seg`` (slices, H, W) at ``size``: kidney ∪ tumour and tumour each by majority
-    vote, so the rendered organ outline is the shrunk target's (``masks`` when that is kidney ∪ tumour)."""
-    if tuple(sorted(foreground_labels)) == (1, 2):
-        organ = masks
-    else:
-        organ = np.stack([resize_mask(s > 0, size) for s in seg])
-    out = organ.copy()
-    for j, s in enumerate(seg):
-        tumour = s == 2
-        if tumour.any():
-            out[j][(resize_mask(tumour, size) == 1) & (organ[j] == 1)] = 2
-    return out
-
-
-def _saliency_item(pair: SaliencyPair, cfg: IngestConfig, source: str) -> _ItemResult:
-    image = load_image(pair.image)
-    mask = load_mask(pair.mask, cfg.saliency_threshold, cfg.require_binary_masks)
-    if mask.shape != image.shape[1:]:
-        raise InputError(pair.mask, f"mask size {mask.shape[::-1]} (W, H) does not match its image "
-                                    f"{pair.image.name} {image.shape[:0:-1]}")
-    size = (cfg.saliency_crop, cfg.saliency_crop)
-    image, mask, valid, scale = fit_canvas(image, mask, size, cfg.saliency_oversize)
-    rec = SliceRecord(
-        case_id=pair.stem,
-        slice_index=0,
-        image=image,
-        mask=mask,
-        phi=signed_distance(mask, clip=cfg.clip),
-        valid=valid,
-        spacing=(1.0 / scale, 1.0 / scale),
-        source=source,
-    )
-    return _ItemResult(pair.stem, [rec], 1, empty_masks=int(not mask.any()))
-
-
-def _run(fn: Callable[..., _ItemResult], args: tuple) -> tuple[str, Any]:
+def _run(fn: Callable[..., ItemResult], args: tuple) -> tuple[str, Any]:
     """Call ``fn`` in a worker; InputError comes back as data (it does not pickle by its args)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -283,10 +220,10 @@ def _init_worker() -> None:
     _LIMITS.append(threadpool_limits(limits=1))
 
 
-def _results(fn: Callable[..., _ItemResult], tasks: Sequence[tuple], workers: int) -> Iterator[_ItemResult]:
+def _results(fn: Callable[..., ItemResult], tasks: Sequence[tuple], workers: int) -> Iterator[ItemResult]:
     """Results of ``fn(*task)`` in task order, with at most 2 × workers tasks in flight."""
 
-    def unwrap(out: tuple[str, Any]) -> _ItemResult:
+    def unwrap(out: tuple[str, Any]) -> ItemResult:
         status, payload = out
         if status == "input_error":
             raise InputError(*payload)
@@ -334,7 +271,7 @@ def _prepare_out(out: Path) -> Path:
 
 
 def build_shards(
-    source: Literal["kits19", "saliency"],
+    source: str,
     root: str | os.PathLike[str],
     out: str | os.PathLike[str],
     cfg: IngestConfig,
@@ -343,35 +280,41 @@ def build_shards(
 ) -> dict[str, Any]:
     """Ingest ``root`` into shards under ``out``; returns the manifest (also written to manifest.json).
 
-    Items (KiTS19 cases or saliency images) are split with :func:`split_ids` before any is read, then
-    processed by a pool of ``workers`` processes (0: every core; 1: in this process) with at most two
-    per worker in flight, and written in sorted id order, so the output does not depend on ``workers``.
-    Workers are started with 'spawn' (no forked torch/OpenMP state): a script calling this with
-    workers != 1 needs the usual ``if __name__ == "__main__":`` guard.
+    ``source`` names the reader (``nodeseg.data.readers.READERS``). Items are split (see the module
+    docstring) before any is read, then processed by a pool of ``workers`` processes (0: every core; 1: in
+    this process) with at most two per worker in flight, and written in sorted id order, so the output does
+    not depend on ``workers``. Workers are started with 'spawn' (no forked torch/OpenMP state): a script
+    calling this with workers != 1 needs the usual ``if __name__ == "__main__":`` guard.
     """
-    check_arg(source in ("kits19", "saliency"), "source", source, "'kits19' or 'saliency'")
+    check_arg(source in READERS, "source", source, " or ".join(map(repr, READERS)))
     check_arg(isinstance(cfg, IngestConfig), "cfg", type(cfg).__name__, "an IngestConfig")
     check_arg(isinstance(seed, int) and seed >= 0, "seed", seed, "a non-negative integer")
+    reader = get_reader(source)
     root, out = Path(root).resolve(), Path(out).resolve()
     n_workers = resolve_workers(workers)
-    fn: Callable[..., _ItemResult]
-    if source == "kits19":
-        items = {f.name: f for f in list_cases(root)}
-        fn = _kits_case
-        make_task: Callable[[str], tuple] = lambda i: (str(items[i]), cfg, seed)  # noqa: E731
-    else:
-        pairs = {p.stem: p for p in find_pairs(root, cfg.image_dir, cfg.mask_dir)}
-        items = pairs  # type: ignore[assignment]
-        fn = _saliency_item
-        label = f"saliency:{root.name}"
-        make_task = lambda i: (pairs[i], cfg, label)  # noqa: E731
+    folders = split_folders(root)
+    items: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # item → the folder it was listed from
+    where: dict[str, Path] = {}  # item → the path messages name
+    for name, folder in (folders or {"": root}).items():
+        for i, handle in reader.list_items(folder, cfg).items():
+            if i in items:
+                raise InputError(reader.item_path(handle), f"{reader.noun} {i!r} is also in {origin[i]}/: ids must "
+                                                           "be unique across the split folders")
+            items[i], origin[i], where[i] = handle, name, reader.item_path(handle)
+    # items of explicit split folders keep their split, except train/ without val/: val is drawn from it
+    fixed = {i: name for i, name in origin.items() if name and not (name == "train" and "val" not in folders)}
+    if folders and "train" not in folders and cfg.single_split is None:
+        raise InputError(root, f"split folders {', '.join(p.name + '/' for p in folders.values())} without a "
+                               "train/ folder: add train/, or set ingest.single_split to write one split")
+    groups = group_items(sorted(items), cfg.group_pattern, where)
     ids = sorted(items)
-    if cfg.single_split is not None:
-        assignment = {cfg.single_split: ids}
-    else:
-        train, val = split_ids(ids, cfg.val_fraction, seed)
-        assignment = {"train": train, "val": val}
+    assignment = assign_splits(groups, cfg, seed, fixed)
     split_of = {i: name for name, members in assignment.items() for i in members}
+    if cfg.group_pattern is not None and cfg.single_split is None:
+        _check_groups_apart(groups, split_of, where, cfg.group_pattern)
+    _refuse_empty(root, assignment, groups, reader, cfg, folders)
+    label = reader.source_label(root)
 
     tmp = _prepare_out(out)
     writers: dict[str, ShardWriter] = {}
@@ -384,7 +327,8 @@ def build_shards(
         rows = dict.fromkeys(assignment, 0)
         skipped: dict[str, str] = {}
         slices_total = empty_masks = 0
-        for res in _results(fn, [make_task(i) for i in ids], n_workers):
+        tasks = [(items[i], cfg, seed, label) for i in ids]
+        for res in _results(reader.read_item, tasks, n_workers):
             name = split_of[res.item_id]
             for rec in res.records:
                 writers[name].write(rec)
@@ -394,10 +338,16 @@ def build_shards(
             if res.skipped:
                 skipped[res.item_id] = res.skipped
             log.info("%s: %d rows → %s", res.item_id, len(res.records), name)
+        labels = ", ".join(str(v) for v in cfg.keep_labels)
         if ids and not any(rows.values()):  # every item was skipped: shards without rows train nothing
-            labels = ", ".join(str(v) for v in cfg.keep_labels)
-            raise InputError(root, f"none of the {len(ids)} cases has a slice with label(s) {labels} "
+            raise InputError(root, f"none of the {len(ids)} {reader.noun}s has a slice with label(s) {labels} "
                                    "(ingest.keep_labels): no rows to write; check the segmentations or keep_labels")
+        for name in ("train", "val") if cfg.single_split is None else ():
+            if not rows[name]:
+                raise InputError(root, f"every {reader.noun} of the {name} split ({len(assignment[name])}: "
+                                       f"{', '.join(assignment[name][:3])}{', ...' if len(assignment[name]) > 3 else ''})"
+                                       f" lacks a slice with label(s) {labels} (ingest.keep_labels): the {name} "
+                                       f"split would be empty (rows: {', '.join(f'{k} {v}' for k, v in rows.items())})")
         files = {name: [str(p.relative_to(tmp)) for p in w.close()] for name, w in writers.items()}
         manifest: dict[str, Any] = {
             "format": "nodeseg-shards",
@@ -405,12 +355,12 @@ def build_shards(
             "source": source,
             "root": str(root),
             "seed": seed,
-            "split_rule": "single split" if cfg.single_split else SPLIT_RULE,
+            "split_rule": _split_rule(cfg, folders),
             "params": to_mapping(cfg),
             "rows": sum(rows.values()),
             "splits": {
                 name: {"rows": rows[name], "items": len(assignment[name]), "cases": assignment[name],
-                       "files": files[name]}
+                       "groups": len({groups[i] for i in assignment[name]}), "files": files[name]}
                 for name in assignment
             },
             "items_without_rows": skipped,
@@ -425,3 +375,17 @@ def build_shards(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _split_rule(cfg: IngestConfig, folders: Mapping[str, Path] | None) -> str:
+    """How the items were split, in words (the manifest's ``split_rule``)."""
+    if cfg.single_split is not None:
+        return "single split"
+    by = (f"patient groups (ingest.group_pattern {cfg.group_pattern!r}, matched at the start of each id)"
+          if cfg.group_pattern is not None else "ids")
+    if folders:
+        given = ", ".join(f"{p.name}/" for p in folders.values())
+        if "val" in folders:
+            return f"explicit split folders {given}"
+        return f"explicit split folders {given}; val drawn from train/'s {by}: {SPLIT_RULE}"
+    return f"{by}: {SPLIT_RULE}"

@@ -4,7 +4,8 @@ Images (jpg/png/bmp) and ground-truth masks (png/bmp) are matched by file stem. 
 common names (``images/`` + ``masks/``, ``Imgs/`` + ``GT/``, ``imgs/`` + ``gt/``, …, case-insensitive) or
 given explicitly; one folder holding both ``x.jpg`` and ``x.png`` (the MSRA10K release) also works: the jpg
 is the image, the png the mask. Soft (grey) ground truth is thresholded: foreground where value / 255 >
-``threshold`` (the paper evaluates 0 and 0.5).
+``threshold`` (the paper evaluates 0 and 0.5). Colour label maps (one RGB colour per label, e.g. blue kidney,
+red tumour) are read by :func:`load_label_mask` with a colour → label table (``ingest.mask_colors``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "SaliencyPair",
     "find_pairs",
     "load_image",
+    "load_label_mask",
     "load_mask",
 ]
 
@@ -174,7 +176,8 @@ def load_mask(path: str | os.PathLike[str], threshold: float = 0.5, require_bina
         im = im.convert("L")
     if im.mode not in ("1", "L", "I;16", "I"):
         raise InputError(path, f"mask must be single-channel grey or binary, got mode {im.mode!r} "
-                               f"with {len(im.getbands())} channels; save it as 8-bit grey ('L')")
+                               f"with {len(im.getbands())} channels; save it as 8-bit grey ('L'), or map its colours "
+                               "to labels with ingest.mask_colors")
     a = np.asarray(im)
     if a.dtype == np.bool_:
         return a.astype(np.uint8)
@@ -188,3 +191,45 @@ def load_mask(path: str | os.PathLike[str], threshold: float = 0.5, require_bina
                                f"besides 0 and {int(full)}; save it as a binary mask, or set ingest.require_binary_masks: false "
                                "to threshold it at ingest.saliency_threshold")
     return (a.astype(np.float32) / np.float32(full) > np.float32(threshold)).astype(np.uint8)
+
+
+def _rgb_code(rgb: np.ndarray) -> np.ndarray:
+    """(…, 3) uint8 colours as one int32 each: r·2¹⁶ + g·2⁸ + b."""
+    a = rgb.astype(np.int32)
+    return (a[..., 0] << 16) | (a[..., 1] << 8) | a[..., 2]
+
+
+def load_label_mask(path: str | os.PathLike[str], colors: dict[int, tuple[int, int, int]]) -> np.ndarray:
+    """A colour label map as uint8 labels (H, W): the pixels of colour ``colors[label]`` get ``label``.
+
+    Black is background (label 0) unless ``colors`` gives label 0 a colour of its own. The mask is read as RGB
+    (grey, palette and RGBA masks are converted; the alpha channel is ignored). A colour that is not in the
+    table raises InputError naming it, how many pixels have it and where the first is.
+    """
+    path = Path(path)
+    check_arg(bool(colors), "colors", colors, "a non-empty mapping label -> (r, g, b)")
+    im = _open(path)
+    if im.mode in ("I;16", "I", "F"):
+        raise InputError(path, f"mask mode {im.mode!r} holds no colours: ingest.mask_colors expects an RGB mask "
+                               "(8 bits per channel); leave mask_colors empty for grey or binary masks")
+    rgb = np.asarray(im.convert("RGB"))
+    table = dict(colors)
+    if 0 not in table:
+        table[0] = (0, 0, 0)
+    lut_codes = np.array([(r << 16) | (g << 8) | b for r, g, b in table.values()], dtype=np.int32)
+    lut_labels = np.array(list(table), dtype=np.uint8)
+    order = np.argsort(lut_codes)
+    lut_codes, lut_labels = lut_codes[order], lut_labels[order]
+    codes = _rgb_code(rgb)
+    at = np.clip(np.searchsorted(lut_codes, codes), 0, len(lut_codes) - 1)
+    known = lut_codes[at] == codes
+    if not known.all():
+        bad = ~known
+        row, col = (int(v) for v in np.unravel_index(int(np.argmax(bad.ravel())), bad.shape))
+        colour = [int(v) for v in rgb[row, col]]
+        others = np.unique(codes[bad])
+        table_text = ", ".join(f"{label}: {list(c)}" for label, c in sorted(table.items()))
+        raise InputError(path, f"colour {colour} ({int(bad.sum())} pixels, first at (row, col) = ({row}, {col})"
+                               f"{f'; {others.size - 1} other unknown colours' if others.size > 1 else ''}) is not "
+                               f"in ingest.mask_colors ({table_text}): add it to the table or repaint the mask")
+    return lut_labels[at]

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from nodeseg.config import to_mapping
+from nodeseg.data.readers import READERS
 from nodeseg.errors import InputError
 from nodeseg.models.registry import KINDS, build_model
 from nodeseg.solve import SolverConfig
@@ -48,8 +49,8 @@ def input_shape(spec: dict[str, Any]) -> tuple[int, int]:
     """(channels, side) of the images a model of ``spec`` was trained on (its preprocessing)."""
     sizes = spec["unet"]["sizes"] if spec["kind"] == "contour" else spec.get("sizes", {})
     prep = spec.get("preprocessing", {})
-    side = prep.get("saliency_crop", 512) if prep.get("source") == "saliency" else prep.get("size", 200)
-    return int(sizes.get("in_channels", 1)), int(side)
+    reader = READERS.get(prep.get("source") or "kits19", READERS["kits19"])()
+    return int(sizes.get("in_channels", 1)), reader.input_side(prep)
 
 
 def build_from_spec(spec: dict[str, Any]) -> nn.Module:

@@ -38,14 +38,21 @@ def data_info(shards: Path) -> tuple[str, dict[str, Any]]:
 
 
 def datasets(shards: Path, cfg: TrainConfig, seed: int) -> tuple[SliceDataset, SliceDataset]:
-    """The training split (augmented when enabled) and the validation split, in their stored order."""
+    """The training split (augmented when enabled) and the validation split, in their stored order.
+
+    Shards without rows in train or in val (built with ``ingest.single_split``, or by an older preprocess
+    that let a one-case folder through) are refused here, before a model is built.
+    """
+    rows = {name: int(info.get("rows", 0)) for name, info in read_manifest(shards)["splits"].items()}
+    for name in ("train", "val"):
+        if not rows.get(name):
+            counts = ", ".join(f"{k} {v}" for k, v in rows.items()) or "none"
+            raise InputError(shards, f"the {name} split is empty (rows: {counts}): training needs train and val "
+                                     "rows to fit and to select a checkpoint; rebuild the shards from at least 2 "
+                                     "cases with ingest.val_fraction > 0 and ingest.single_split: null")
     augment = cfg.augment if cfg.augment.enabled else None
     train = SliceDataset(shards, "train", augment=augment, seed=seed)
     val = SliceDataset(shards, "val")
-    if len(train) == 0:
-        raise InputError(shards, "the train split is empty")
-    if len(val) == 0:
-        raise InputError(shards, "the val split is empty: checkpoint selection needs validation samples")
     return train, val
 
 
@@ -85,7 +92,8 @@ def run_training(
                          info=info, tracker=tracker, stage=stage)
             if info.is_main:
                 if export_best:
-                    choice = select_checkpoint(out, out, SelectConfig(samples=cfg.select_samples, metric="val_loss"))
+                    choice = select_checkpoint(out, out, SelectConfig(samples=cfg.select_samples, metric="val_loss"),
+                                               warn=False)  # fit has warned of a small split
                     tracker.set_tags({"nodeseg.selected_epoch": choice["epoch"],
                                       "nodeseg.selection": choice["reason"]})
                 for name in ("train_log.csv", "val_log.csv", "selection.json"):

@@ -125,6 +125,12 @@ class FitResult:
     last_checkpoint: Path | None
 
 
+def small_val_warning(n_val: int, samples: int, key: str) -> str:
+    """The one line saying that a validation split smaller than ``key`` (= ``samples``) is used whole."""
+    return (f"the validation split has {n_val} sample(s), fewer than {key} ({samples}): the selection "
+            f"uses the mean loss of all {n_val}")
+
+
 def _nfe(model: nn.Module) -> tuple[int, int] | None:
     """(forward, backward) evaluations of the last step for Neural-ODE models, None for plain networks."""
     if not hasattr(model, "nfe_forward"):
@@ -253,6 +259,14 @@ def fit(
     per_rank = cfg.batch_size // world
     weights = cfg.regularisers
     set_regularisation(model, tuple(weights), cfg.end_time_jitter)
+    n_val = len(val_set)  # type: ignore[arg-type]
+    if n_val == 0:
+        raise ValueError(f"{stage}: the validation split is empty: training cannot be validated or selected; "
+                         "give the split at least one case (ingest.val_fraction)")
+    n_first = min(n_val, cfg.select_samples)  # a split smaller than select_samples: all of it, with a warning
+    first_key = f"val_loss_first{n_first}"
+    if n_first < cfg.select_samples and info.is_main:
+        log.warning("%s: %s", stage, small_val_warning(n_val, cfg.select_samples, f"{stage}.select_samples"))
     model.to(info.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -423,7 +437,7 @@ def fit(
             class_balance=global_step < cfg.class_balance_steps,  # the loss the epoch ended on
         )
         val_loss = float(per_sample.mean()) if len(per_sample) else float("nan")
-        first = float(per_sample[: cfg.select_samples].mean()) if len(per_sample) else float("nan")
+        first = float(per_sample[:n_first].mean()) if len(per_sample) else float("nan")
         if not math.isfinite(val_loss):
             raise TrainingDiverged(
                 f"{stage}: epoch {epoch + 1}: the validation loss is {val_loss}; the last good checkpoint is kept"
@@ -435,7 +449,7 @@ def fit(
             "step": global_step,
             "train_loss": train_loss[0] / max(train_loss[1], 1.0),
             "val_loss": val_loss,
-            f"val_loss_first{cfg.select_samples}": first,
+            first_key: first,
             "lr": opt.param_groups[0]["lr"],
             **val_stats,
             "seconds": time.perf_counter() - t_epoch,
@@ -460,7 +474,8 @@ def fit(
                     "plateau": plateau.state_dict(),
                     "rng": ckpt.rng_state(),
                     "metrics": row,
-                    "val_head": [float(v) for v in per_sample[: cfg.select_samples]],
+                    "val_head": [float(v) for v in per_sample[:n_first]],
+                    "val_samples": n_val,
                     "history": history,
                     "steps": steps_log,
                     "train_config": asdict(cfg),
@@ -469,8 +484,7 @@ def fit(
             )
             _write_csv(out_dir / "train_log.csv", steps_log)
             _write_csv(out_dir / "val_log.csv", history)
-            log.info("%s epoch %d: val_loss %.5f (first %d: %.5f)", stage, epoch + 1, val_loss,
-                     cfg.select_samples, first)
+            log.info("%s epoch %d: val_loss %.5f (first %d: %.5f)", stage, epoch + 1, val_loss, n_first, first)
         barrier(info)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)
