@@ -11,6 +11,7 @@ dvc.yaml and tuning/dvc.yaml) as ``--set key=value``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ from nodeseg.config import to_mapping
 from nodeseg.params import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
-PARAMS_FILE = REPO / "params.yaml"
+#: the params file whose values are the pipeline parameters' defaults (what `compile` writes into the YAML):
+#: params.yaml, or the file named by $NODESEG_PIPELINE_DEFAULTS (the tests point it at the committed file)
+PARAMS_FILE = Path(os.environ.get("NODESEG_PIPELINE_DEFAULTS") or REPO / "params.yaml")
 DVC_FILES = (REPO / "dvc.yaml", REPO / "tuning" / "dvc.yaml")
 SEP = "__"  # refine.lr -> refine__lr
 

@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from committed import PARAMS
 from PIL import Image
 
 from nodeseg.cli import main
@@ -35,7 +36,6 @@ from nodeseg.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "errors.md"
-PARAMS = REPO / "params.yaml"
 COMMON = ["--params", str(PARAMS), "--set", "data.workers=1", "--set", "ingest.size=16",
           "--set", "ingest.saliency_crop=16"]
 SALIENCY = [*COMMON, "--set", "data.source=saliency"]
@@ -146,7 +146,7 @@ class Case:
     id: str
     what: str  # the input, in words (docs/errors.md)
     stage: str
-    culprit: str  # what the message starts with: {tmp} is the test's folder, {repo} the repository
+    culprit: str  # what the message starts with: {tmp} is the test's folder, {committed} the folder of the committed params.yaml (tests/committed.py)
     message: str  # the stable part of the problem
     build: Callable[[Path, Base], list[str]]  # writes the input under tmp; returns the arguments after the stage
     code: int = 2
@@ -446,7 +446,7 @@ def _with_params(text: str) -> Callable[[Path, Base], list[str]]:
     return build
 
 
-BOTH = "{repo}/params.yaml + {tmp}/params.yaml"  # a key or type error names the merged files
+BOTH = "{committed}/params.yaml + {tmp}/params.yaml"  # a key or type error names the merged files
 for _id, _what, _text, _culprit, _message in [
     ("params-unknown-key", "a params file with an unknown key (`pretrain.epoch`)", "pretrain:\n  epoch: 3\n", BOTH,
      "unknown key 'pretrain.epoch' (valid keys: augment, band_width,"),
@@ -467,7 +467,7 @@ def _params_missing(tmp: Path, base: Base) -> list[str]:
 
 
 @case("set-unknown-key", "`--set pretrian.epochs=1` (a misspelt section)", "pretrain",
-      "{repo}/params.yaml (with --set)", "unknown key 'pretrian' (valid keys: contour, data,")
+      "{committed}/params.yaml (with --set)", "unknown key 'pretrian' (valid keys: contour, data,")
 def _set_unknown(tmp: Path, base: Base) -> list[str]:
     return [*COMMON, "--set", "pretrian.epochs=1", "--shards", str(base.shards), "--out", str(tmp / "run")]
 
@@ -653,7 +653,7 @@ def test_bad_input_gives_one_line_and_no_output(
     assert "Traceback" not in err
     assert [line for line in lines if prefix in line] == lines[-1:], err
     assert lines[-1].isprintable(), lines[-1]  # no control character (ESC, CR, ...) reaches the terminal
-    culprit = entry.culprit.format(tmp=tmp_path, repo=REPO)
+    culprit = entry.culprit.format(tmp=tmp_path, committed=PARAMS.parent)
     assert lines[-1].startswith(f"{prefix}{culprit}: "), lines[-1]
     assert entry.message in lines[-1], lines[-1]
     assert _snapshot(tmp_path) == before  # nothing written (no partial output), a previous output untouched
@@ -688,7 +688,7 @@ def render_table() -> str:
     """The catalogue as the Markdown table of docs/errors.md."""
     rows = ["| id | input | command | the line starts with | and says | exit |", "|---|---|---|---|---|---|"]
     for c in CATALOGUE:
-        shown = c.culprit.replace("{tmp}/", "…/").replace("{repo}/", "…/")
+        shown = c.culprit.replace("{tmp}/", "…/").replace("{committed}/", "…/")
         rows.append(f"| {c.id} | {c.what} | `nodeseg {c.stage}` | {_code(shown)} | {_code(c.message)} | {c.code} |")
     return "\n".join(rows)
 

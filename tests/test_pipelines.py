@@ -18,6 +18,7 @@ from typing import Any
 import kfp
 import pytest
 import yaml
+from committed import PARAMS
 from pipeline_params import TINY
 
 from components import STAGES, container_component, local_component
@@ -105,8 +106,8 @@ def test_every_params_key_is_a_pipeline_parameter_with_its_default(name: str) ->
     the right type whose default, passed as ``--set key=default``, gives the committed value."""
     spec, _ = _spec(name)
     declared = spec["root"]["inputDefinitions"]["parameters"]
-    committed = load_params([REPO / "params.yaml"])
-    written = [k for k, _ in _file_leaves(yaml.safe_load((REPO / "params.yaml").read_text()))]
+    committed = load_params([PARAMS])
+    written = [k for k, _ in _file_leaves(yaml.safe_load(PARAMS.read_text()))]
     assert len(written) > 50
     missing = [k for k in written if param_name(k) not in declared]
     assert not missing, f"params.yaml keys that are not parameters of pipeline {name}: {missing}"
@@ -391,7 +392,7 @@ def raw_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from nodeseg.cli import main
 
     out = tmp_path_factory.mktemp("raw") / "phantom"
-    assert main(["generate", "--params", str(REPO / "params.yaml"), "--out", str(out),
+    assert main(["generate", "--params", str(PARAMS), "--out", str(out),
                  *[a for s in TINY for a in ("--set", s)]]) == 0
     return out
 
@@ -472,4 +473,4 @@ def test_tuning_pipeline_runs_locally(single_pod_run: Path, tmp_path: Path, file
     assert choice["solver"] and (report / "trials.csv").read_text().count("\n") >= 3  # header + 2 trials
     solver = yaml.safe_load((run / "nodeseg-tune-report" / "solver_params").read_text())["contour"]["solver"]
     assert solver == choice["solver"]
-    load_params([REPO / "params.yaml", run / "nodeseg-tune-report" / "solver_params"])  # usable as --params
+    load_params([PARAMS, run / "nodeseg-tune-report" / "solver_params"])  # usable as --params
