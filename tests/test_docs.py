@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 from pathlib import Path
+
+import pytest
+
+from nodeseg.cli import build_parser
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,3 +33,34 @@ def test_ci_runs_the_readmes_command_with_ruff_pinned() -> None:
     assert ci[-1] == command
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
     assert any(re.fullmatch(r"ruff==[0-9][0-9.]*", spec.split(";")[0].strip()) for spec in extra), extra
+
+
+def _documented_commands() -> list[tuple[str, str]]:
+    """(file, command) for every ``nodeseg ...`` command line in the code blocks of README.md and docs/*.md:
+    continuation lines joined, comments dropped; an output line (``nodeseg <stage>: error: ...``) is not one."""
+    found = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for block in _code_blocks(path.read_text()):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                if len(words) >= 2 and words[0] == "nodeseg" and not words[1].endswith(":"):
+                    found.append((path.name, line.strip()))
+    return found
+
+
+COMMANDS = _documented_commands()
+
+
+def test_the_documented_commands_are_found() -> None:
+    assert len(COMMANDS) >= 8
+    assert ("storage.md", "nodeseg preprocess --raw data/raw/phantom --out s3://nodeseg-data/shards/v1") in COMMANDS
+
+
+@pytest.mark.parametrize(("doc", "command"), COMMANDS, ids=[f"{d}:{c[:60]}" for d, c in COMMANDS])
+def test_every_documented_command_parses(doc: str, command: str) -> None:
+    """Parsed by ``nodeseg``'s own parser (shell variables stand for a number, e.g. ``--worker-index $I``)."""
+    argv = shlex.split(re.sub(r"\$\{?\w+\}?", "1", command), comments=True)[1:]
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit as err:
+        pytest.fail(f"{doc}: `{command}` does not parse (exit {err.code})")
