@@ -22,7 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from nodeseg.config import to_mapping
-from nodeseg.params import Params, load_params
+from nodeseg.params import RUNTIME_KEYS, Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 #: the params file whose values are the pipeline parameters' defaults (what `compile` writes into the YAML):
@@ -111,8 +111,9 @@ def pipeline_params() -> tuple[PipelineParam, ...]:
 
 @cache
 def stage_sections() -> dict[str, tuple[str, ...]]:
-    """CLI stage name -> the params keys or sections it reads: the ``params`` lists of :data:`DVC_FILES`
-    (plus :data:`EXTRA_SECTIONS`)."""
+    """CLI stage name -> the params keys or sections it reads: the ``params`` lists of :data:`DVC_FILES` (the
+    keys its output depends on) plus the :data:`~nodeseg.params.RUNTIME_KEYS` of the sections it lists (read,
+    but no reason to rerun), plus :data:`EXTRA_SECTIONS`."""
     out: dict[str, tuple[str, ...]] = {}
     for path in DVC_FILES:
         for name, spec in yaml.safe_load(path.read_text())["stages"].items():
@@ -120,7 +121,8 @@ def stage_sections() -> dict[str, tuple[str, ...]]:
             bad = [e for e in entries if not isinstance(e, str)]
             if bad:
                 raise ValueError(f"{path}: stage {name}: params entry {bad[0]!r} is not a params.yaml key")
-            out[name.replace("_", "-")] = entries
+            sections = {e.split(".")[0] for e in entries}
+            out[name.replace("_", "-")] = entries + tuple(k for k in RUNTIME_KEYS if k.split(".")[0] in sections)
     return {**out, **EXTRA_SECTIONS}
 
 

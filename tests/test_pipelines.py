@@ -27,7 +27,7 @@ from components.params import param_name, pipeline_params, stage_params
 from components.stages import LAUNCH_COMMAND
 from nodeseg.cli import build_parser as nodeseg_parser
 from nodeseg.kube import pytorchjob
-from nodeseg.params import load_params
+from nodeseg.params import RUNTIME_KEYS, load_params
 from pipelines import training, tuning
 from pipelines.cli import build_parser, check_pipeline_root, run_local, submit, submit_request
 from pipelines.definition import PipelineDef
@@ -188,19 +188,24 @@ def test_step_command_lines_parse_with_the_real_parsers(name: str, capsys: pytes
 
 
 def test_each_step_gets_the_params_its_stage_reads() -> None:
-    """dvc.yaml lists the params each stage reads; the pipeline step of that stage gets exactly those keys."""
+    """dvc.yaml lists the params each stage's output depends on; the pipeline step of that stage gets exactly
+    those keys and the runtime keys of their sections (data.workers, num_workers, log_every)."""
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for dvc_name, stage in dvc.items():
         comp = container_component(dvc_name.replace("_", "-"))
         inputs = set(comp.component_spec.inputs)
+        sections = {s.split(".")[0] for s in stage["params"]}
+        runtime = {k for k in RUNTIME_KEYS if k.split(".")[0] in sections}
         wanted = {param_name(p.key) for p in pipeline_params()
-                  if any(p.key == s or p.key.startswith(s + ".") for s in stage["params"])}
+                  if p.key in runtime or any(p.key == s or p.key.startswith(s + ".") for s in stage["params"])}
         if dvc_name == "evaluate":
             wanted.discard("evaluate__register")  # the pipeline registers in its own step
         params_inputs = {n for n in inputs if n in {p.name for p in pipeline_params()}}
         assert params_inputs == wanted, dvc_name
     pretrain = set(container_component("pretrain").component_spec.inputs)
     assert {"pretrain__lr", "unet__preset", "seed", "device"} <= pretrain and "refine__lr" not in pretrain
+    assert {"pretrain__log_every", "pretrain__num_workers"} <= pretrain
+    assert "data__workers" in container_component("preprocess").component_spec.inputs
     assert {p.key for p in stage_params("tune")} >= {"tune.n_trials", "contour.solver.first_step"}
     assert "contour.solver.atol" not in {p.key for p in stage_params("tune")}  # what tune writes
 
