@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from nodeseg.kube.pytorchjob import DEFAULT_CONFIG_MAPS, DEFAULT_PVC, DEFAULT_SECRETS
+from nodeseg.kube.job import DEFAULT_CONFIG_MAPS, DEFAULT_PVC, DEFAULT_SECRETS
 
 DEFAULT_IMAGE = "ghcr.io/nodeseg/nodeseg:0.1.0"
 IMAGE_ENV = "NODESEG_IMAGE"

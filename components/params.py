@@ -11,6 +11,7 @@ dvc.yaml and tuning/dvc.yaml) as ``--set key=value``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,10 +22,12 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from nodeseg.config import to_mapping
-from nodeseg.params import Params, load_params
+from nodeseg.params import RUNTIME_KEYS, Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
-PARAMS_FILE = REPO / "params.yaml"
+#: the params file whose values are the pipeline parameters' defaults (what `compile` writes into the YAML):
+#: params.yaml, or the file named by $NODESEG_PIPELINE_DEFAULTS (the tests point it at the committed file)
+PARAMS_FILE = Path(os.environ.get("NODESEG_PIPELINE_DEFAULTS") or REPO / "params.yaml")
 DVC_FILES = (REPO / "dvc.yaml", REPO / "tuning" / "dvc.yaml")
 SEP = "__"  # refine.lr -> refine__lr
 
@@ -108,8 +111,9 @@ def pipeline_params() -> tuple[PipelineParam, ...]:
 
 @cache
 def stage_sections() -> dict[str, tuple[str, ...]]:
-    """CLI stage name -> the params keys or sections it reads: the ``params`` lists of :data:`DVC_FILES`
-    (plus :data:`EXTRA_SECTIONS`)."""
+    """CLI stage name -> the params keys or sections it reads: the ``params`` lists of :data:`DVC_FILES` (the
+    keys its output depends on) plus the :data:`~nodeseg.params.RUNTIME_KEYS` of the sections it lists (read,
+    but no reason to rerun), plus :data:`EXTRA_SECTIONS`."""
     out: dict[str, tuple[str, ...]] = {}
     for path in DVC_FILES:
         for name, spec in yaml.safe_load(path.read_text())["stages"].items():
@@ -117,7 +121,8 @@ def stage_sections() -> dict[str, tuple[str, ...]]:
             bad = [e for e in entries if not isinstance(e, str)]
             if bad:
                 raise ValueError(f"{path}: stage {name}: params entry {bad[0]!r} is not a params.yaml key")
-            out[name.replace("_", "-")] = entries
+            sections = {e.split(".")[0] for e in entries}
+            out[name.replace("_", "-")] = entries + tuple(k for k in RUNTIME_KEYS if k.split(".")[0] in sections)
     return {**out, **EXTRA_SECTIONS}
 
 

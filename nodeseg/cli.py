@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeseg import __version__
-from nodeseg.errors import NodesegError, Terminated, sigterm_raises
+from nodeseg.errors import NodesegError, Terminated, shown, sigterm_raises
 from nodeseg.malloc import tune_malloc
 from nodeseg.tuning import DEFAULT_STUDY
 
@@ -217,16 +217,25 @@ def _stage_paths(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
                                                                                publish=publish))))
 
 
+class _EscapedFormatter(logging.Formatter):
+    """Log lines with control characters escaped (a logged path or name cannot forge terminal output); a
+    traceback, appended after the message, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return shown(super().formatMessage(record))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nodeseg`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_EscapedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     for noisy in ("botocore", "urllib3", "alembic", "mlflow", "git", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # nibabel logs a header problem (e.g. an unsupported datatype) on stderr before raising it; the raise becomes
+    # the one error line
+    logging.getLogger("nibabel").setLevel(logging.CRITICAL)
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     try:
         tune_malloc()
@@ -242,11 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         text, code = str(err), getattr(err, "exit_code", 2)
         if isinstance(err, OSError) and not isinstance(err, NodesegError):
             if err.filename and err.strerror:
-                text = f"{err.filename}: {err.strerror}"
+                text = f"{shown(err.filename)}: {err.strerror}"
                 if isinstance(err, FileExistsError) and Path(err.filename).is_file():
                     text += ": a file is in the way of a folder; choose another path"
             code = 4
-        print(f"nodeseg {args.stage}: error: {' '.join(text.split())}", file=sys.stderr)
+        # one line: whitespace runs (a multi-line library message) become one space; any control character left
+        # (a name that reached the message unquoted) is shown escaped, never sent to the terminal
+        print(f"nodeseg {args.stage}: error: {shown(' '.join(text.split()))}", file=sys.stderr)
         return code
     except Terminated as err:
         resume = "; run the same command again to resume from the last checkpoint" if args.stage in _RESUMABLE else ""
@@ -263,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from nodeseg.tracking import tracking_uri
 
         first = " ".join(str(err).split())[:300]
-        print(f"nodeseg {args.stage}: error: MLflow at {tracking_uri()}: {first}", file=sys.stderr)
+        print(f"nodeseg {args.stage}: error: MLflow at {shown(tracking_uri())}: {shown(first)}", file=sys.stderr)
         return 5
     return 0
 

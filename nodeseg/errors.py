@@ -8,6 +8,29 @@ import signal
 import threading
 from collections.abc import Iterator
 
+__all__ = [
+    "ConfigError",
+    "InputError",
+    "NodesegError",
+    "SolverError",
+    "StorageError",
+    "Terminated",
+    "TrainingDiverged",
+    "check_arg",
+    "shown",
+    "sigterm_raises",
+]
+
+
+def shown(text: object) -> str:
+    """``text`` safe to print on a terminal: every non-printable character (newline, ESC of an ANSI sequence,
+    a bidi override) as its Python escape (``\\n``, ``\\x1b``, ``\\u202e``); printable text unchanged.
+
+    A file or folder name can hold any character but ``/`` and NUL: a crafted name echoed raw could forge
+    terminal output. Every path or name that reaches the user goes through here (or ``{!r}``).
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
 
 class NodesegError(Exception):
     """Base class: the CLI prints ``str(err)`` on one line and exits non-zero."""
@@ -21,7 +44,7 @@ class InputError(NodesegError, ValueError):
     def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
         self.path = str(path)
         self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(f"{shown(self.path)}: {problem}")
 
 
 class ConfigError(NodesegError, ValueError):

@@ -19,16 +19,15 @@ from nodeseg.errors import ConfigError, check_arg
 from nodeseg.priors import PriorsConfig
 from nodeseg.solve import SolverConfig
 from nodeseg.stages.select import SelectConfig
-from nodeseg.train.loop import TrainConfig
+from nodeseg.train.loop import RUNTIME_FIELDS, TrainConfig
 from nodeseg.tuning.config import TuneConfig
 
 
 @dataclass(frozen=True)
 class DataSection:
-    """Where the raw data comes from. ``root`` is read by dvc.yaml to build the preprocess command line."""
+    """What the raw data is (its folder is on the command line: ``nodeseg preprocess --raw``)."""
 
     source: str = "kits19"  # a reader of nodeseg.data.readers.READERS: kits19, saliency
-    root: str = "data/raw/phantom"
     workers: int = 0  # preprocessing processes; 0 = every core
 
     def __post_init__(self) -> None:
@@ -114,6 +113,17 @@ class Params:
 
     def __post_init__(self) -> None:
         check_arg(self.seed >= 0, "seed", self.seed, ">= 0")
+
+
+def _runtime_keys() -> tuple[str, ...]:
+    hints = get_type_hints(Params)
+    training = [f.name for f in dataclasses.fields(Params) if hints[f.name] is TrainConfig]
+    return ("data.workers", *(f"{s}.{name}" for s in training for name in RUNTIME_FIELDS))
+
+
+#: the keys that change how a stage runs (processes, log cadence), never what it writes: the stage reads them, but
+#: dvc.yaml does not list them, so changing one reruns nothing (a training resume ignores them too)
+RUNTIME_KEYS: tuple[str, ...] = _runtime_keys()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -15,6 +15,12 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
+# the tests read the committed params.yaml, never the working one a user's experiment rewrote (tests/committed.py);
+# the pipelines' parameter defaults too, set before components.params is first imported
+from committed import PARAMS  # noqa: E402
+
+os.environ["NODESEG_PIPELINE_DEFAULTS"] = str(PARAMS)
+
 # shared fixtures, imported as plugins so that their asserts are rewritten too:
 # pipeline_params (tiny params, the session pipeline `run`), s3_server (moto on 127.0.0.1)
 pytest_plugins = ["pipeline_params", "s3_server"]

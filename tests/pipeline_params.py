@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from committed import PARAMS
 
 from nodeseg.params import Params, load_params
 from nodeseg.stages.generate import generate
@@ -29,7 +30,7 @@ TINY = [
 
 def tiny_params(*extra: str) -> Params:
     """The committed params.yaml shrunk to seconds of work."""
-    return load_params([REPO / "params.yaml"], [*TINY, *extra])
+    return load_params([PARAMS], [*TINY, *extra])
 
 
 @pytest.fixture(scope="session")

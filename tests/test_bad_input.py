@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import json
 import shutil
+import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from committed import PARAMS
 from PIL import Image
 
 from nodeseg.cli import main
@@ -34,7 +36,6 @@ from nodeseg.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "errors.md"
-PARAMS = REPO / "params.yaml"
 COMMON = ["--params", str(PARAMS), "--set", "data.workers=1", "--set", "ingest.size=16",
           "--set", "ingest.saliency_crop=16"]
 SALIENCY = [*COMMON, "--set", "data.source=saliency"]
@@ -145,7 +146,7 @@ class Case:
     id: str
     what: str  # the input, in words (docs/errors.md)
     stage: str
-    culprit: str  # what the message starts with: {tmp} is the test's folder, {repo} the repository
+    culprit: str  # what the message starts with: {tmp} is the test's folder, {committed} the folder of the committed params.yaml (tests/committed.py)
     message: str  # the stable part of the problem
     build: Callable[[Path, Base], list[str]]  # writes the input under tmp; returns the arguments after the stage
     code: int = 2
@@ -243,6 +244,58 @@ def _labels_outside(tmp: Path, base: Base) -> list[str]:
     return _preprocess(tmp)
 
 
+def _with_datatype(path: Path, code: int, bitpix: int) -> None:
+    """Rewrite the header of the .nii.gz ``path`` to claim NIfTI datatype ``code`` (voxel bytes unchanged)."""
+    data = bytearray(gzip.decompress(path.read_bytes()))
+    struct.pack_into("<hh", data, 70, code, bitpix)  # NIfTI-1: datatype and bitpix, little-endian as nibabel writes
+    path.write_bytes(gzip.compress(bytes(data)))
+
+
+@case("rgb24-imaging", "an `imaging.nii.gz` of RGB24 colour voxels (NIfTI datatype 128)", "preprocess",
+      "{tmp}/raw/case_00001/imaging.nii.gz", "voxel datatype RGB24 (NIfTI datatype 128) is colour (structured), "
+      "not a real number: expected integer or float32/float64 voxels")
+def _rgb24(tmp: Path, base: Base) -> list[str]:
+    _nifti(_kits(tmp) / "case_00001" / IMG, np.zeros((4, 16, 16), [("R", "u1"), ("G", "u1"), ("B", "u1")]))
+    return _preprocess(tmp)
+
+
+@case("complex64-imaging", "an `imaging.nii.gz` of complex64 voxels (its imaginary part would be dropped)",
+      "preprocess", "{tmp}/raw/case_00001/imaging.nii.gz",
+      "voxel datatype COMPLEX64 (NIfTI datatype 32) is complex, not a real number")
+def _complex64(tmp: Path, base: Base) -> list[str]:
+    _nifti(_kits(tmp) / "case_00001" / IMG, np.full((4, 16, 16), 100 + 5j, np.complex64))
+    return _preprocess(tmp)
+
+
+@case("complex128-labels", "a `segmentation.nii.gz` of complex128 voxels", "preprocess",
+      "{tmp}/raw/case_00001/segmentation.nii.gz",
+      "voxel datatype COMPLEX128 (NIfTI datatype 1792) is complex, not a real number")
+def _complex128(tmp: Path, base: Base) -> list[str]:
+    _nifti(_kits(tmp) / "case_00001" / SEG, _labels().astype(np.complex128))
+    return _preprocess(tmp)
+
+
+@case("binary-datatype", "a segmentation whose header claims 1-bit binary voxels (NIfTI datatype 1)", "preprocess",
+      "{tmp}/raw/case_00001/segmentation.nii.gz", "voxel datatype binary (NIfTI datatype 1) cannot be read")
+def _binary(tmp: Path, base: Base) -> list[str]:
+    _with_datatype(_kits(tmp) / "case_00001" / SEG, 1, 1)
+    return _preprocess(tmp)
+
+
+@case("float128-datatype", "an imaging header claiming float128 voxels (NIfTI datatype 1536)", "preprocess",
+      "{tmp}/raw/case_00001/imaging.nii.gz", "voxel datatype FLOAT128 (NIfTI datatype 1536) cannot be read")
+def _float128(tmp: Path, base: Base) -> list[str]:
+    _with_datatype(_kits(tmp) / "case_00001" / IMG, 1536, 128)
+    return _preprocess(tmp)
+
+
+@case("unknown-datatype", "an imaging header with datatype code 9999 (not in the NIfTI standard)", "preprocess",
+      "{tmp}/raw/case_00001/imaging.nii.gz", "voxel datatype unknown (NIfTI datatype 9999) cannot be read")
+def _unknown_datatype(tmp: Path, base: Base) -> list[str]:
+    _with_datatype(_kits(tmp) / "case_00001" / IMG, 9999, 16)
+    return _preprocess(tmp)
+
+
 @case("empty-case", "an empty case folder", "preprocess", "{tmp}/raw/case_00001",
       "empty case folder: expected segmentation.nii.gz and imaging.nii.gz")
 def _empty_case(tmp: Path, base: Base) -> list[str]:
@@ -287,6 +340,23 @@ def _misnamed(tmp: Path, base: Base) -> list[str]:
       "the val split would be empty: 1 case(s) split as train 1, val 0 case(s) with ingest.val_fraction 0.2")
 def _one_case(tmp: Path, base: Base) -> list[str]:
     _kits(tmp, 1)
+    return _preprocess(tmp)
+
+
+@case("unicode-digit-case", "a case folder named `case_٠٠٠٠٢` (Arabic-Indic digits: case ids are ASCII)",
+      "preprocess", "{tmp}/raw/case_٠٠٠٠٢", "bad case folder name: got 'raw/case_٠٠٠٠٢': expected case_XXXXX")
+def _unicode_digits(tmp: Path, base: Base) -> list[str]:
+    _kits(tmp, 1)
+    _case(tmp / "raw", "case_\u0660\u0660\u0660\u0660\u0662")
+    return _preprocess(tmp)
+
+
+@case("control-chars-case", "a case folder whose name holds a newline and ANSI colour codes (shown escaped)",
+      "preprocess", "{tmp}/raw/case_00001\\n\\x1b[32mOK\\x1b[0m",
+      "bad case folder name: got 'raw/case_00001\\n\\x1b[32mOK\\x1b[0m'")
+def _control_chars(tmp: Path, base: Base) -> list[str]:
+    _kits(tmp, 1)
+    _case(tmp / "raw", "case_00001\n\x1b[32mOK\x1b[0m")
     return _preprocess(tmp)
 
 
@@ -412,7 +482,7 @@ def _with_params(text: str) -> Callable[[Path, Base], list[str]]:
     return build
 
 
-BOTH = "{repo}/params.yaml + {tmp}/params.yaml"  # a key or type error names the merged files
+BOTH = "{committed}/params.yaml + {tmp}/params.yaml"  # a key or type error names the merged files
 for _id, _what, _text, _culprit, _message in [
     ("params-unknown-key", "a params file with an unknown key (`pretrain.epoch`)", "pretrain:\n  epoch: 3\n", BOTH,
      "unknown key 'pretrain.epoch' (valid keys: augment, band_width,"),
@@ -433,7 +503,7 @@ def _params_missing(tmp: Path, base: Base) -> list[str]:
 
 
 @case("set-unknown-key", "`--set pretrian.epochs=1` (a misspelt section)", "pretrain",
-      "{repo}/params.yaml (with --set)", "unknown key 'pretrian' (valid keys: contour, data,")
+      "{committed}/params.yaml (with --set)", "unknown key 'pretrian' (valid keys: contour, data,")
 def _set_unknown(tmp: Path, base: Base) -> list[str]:
     return [*COMMON, "--set", "pretrian.epochs=1", "--shards", str(base.shards), "--out", str(tmp / "run")]
 
@@ -627,7 +697,8 @@ def test_bad_input_gives_one_line_and_no_output(
     assert code == entry.code, err
     assert "Traceback" not in err
     assert [line for line in lines if prefix in line] == lines[-1:], err
-    culprit = entry.culprit.format(tmp=tmp_path, repo=REPO)
+    assert lines[-1].isprintable(), lines[-1]  # no control character (ESC, CR, ...) reaches the terminal
+    culprit = entry.culprit.format(tmp=tmp_path, committed=PARAMS.parent)
     assert lines[-1].startswith(f"{prefix}{culprit}: "), lines[-1]
     assert entry.message in lines[-1], lines[-1]
     assert _snapshot(tmp_path) == before  # nothing written (no partial output), a previous output untouched
@@ -662,7 +733,7 @@ def render_table() -> str:
     """The catalogue as the Markdown table of docs/errors.md."""
     rows = ["| id | input | command | the line starts with | and says | exit |", "|---|---|---|---|---|---|"]
     for c in CATALOGUE:
-        shown = c.culprit.replace("{tmp}/", "…/").replace("{repo}/", "…/")
+        shown = c.culprit.replace("{tmp}/", "…/").replace("{committed}/", "…/")
         rows.append(f"| {c.id} | {c.what} | `nodeseg {c.stage}` | {_code(shown)} | {_code(c.message)} | {c.code} |")
     return "\n".join(rows)
 

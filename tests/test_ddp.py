@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from committed import PARAMS
 from pipeline_params import TINY, tiny_params
 
 from nodeseg.stages.generate import generate
@@ -92,7 +93,7 @@ def _run(jobs: dict[str, list[list[str]]], cwd: Path, **env: str) -> None:
 
 def _stage(stage: str, dump: Path, *args: str, extra: list[str]) -> list[str]:
     sets = [a for s in [*TINY, *extra] for a in ("--set", s)]
-    return [str(DRIVER), str(dump), "--", stage, "--params", str(REPO / "params.yaml"), *args, *sets]
+    return [str(DRIVER), str(dump), "--", stage, "--params", str(PARAMS), *args, *sets]
 
 
 def _dumps(dump: Path, world: int) -> list[dict]:
@@ -212,7 +213,7 @@ def test_s3_output_under_torchrun_is_published_by_rank_0_only(data: dict[str, Pa
     import boto3
 
     cmd = _torchrun("--standalone", "--nproc-per-node=2") + [
-        "-m", "nodeseg", "pretrain", "--params", str(REPO / "params.yaml"), "--shards", str(data["shards"]),
+        "-m", "nodeseg", "pretrain", "--params", str(PARAMS), "--shards", str(data["shards"]),
         "--out", f"s3://{bucket}/runs/pretrain", *[a for s in [*TINY, *PRETRAIN] for a in ("--set", s)]]
     _run({"s3": [cmd]}, tmp_path)
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="runs/")["Contents"]}

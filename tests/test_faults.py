@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from committed import PARAMS
 from mlflow import MlflowClient
 from pipeline_params import REPO, TINY
 from test_storage import FaultProxy
@@ -52,7 +53,7 @@ pytest_plugins = ["s3_server"]  # fixtures: moto_endpoint (one per session), s3_
 EPOCHS = 6
 # 18 steps of ~10 ms per epoch; on the CPU, where one thread makes every kernel deterministic
 SETS = [*TINY, "device=cpu", f"pretrain.epochs={EPOCHS}", "pretrain.batch_size=2"]
-ARGS = ["--params", str(REPO / "params.yaml"), *[a for s in SETS for a in ("--set", s)]]
+ARGS = ["--params", str(PARAMS), *[a for s in SETS for a in ("--set", s)]]
 DOC = REPO / "docs" / "errors.md"  # its "Training faults" table shows these messages
 PROGRESS = re.compile(r"pretrain epoch (\d+)/\d+:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 
@@ -74,7 +75,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _params() -> Params:
-    return load_params([REPO / "params.yaml"], SETS)
+    return load_params([PARAMS], SETS)
 
 
 @pytest.fixture(scope="module")

@@ -382,3 +382,48 @@ def test_read_volume_standalone(tmp_path: Path) -> None:
         read_volume(tmp_path / "huge.nii.gz")
     with pytest.raises(InputError, match="file not found"):
         read_volume(tmp_path / "missing.nii.gz")
+
+
+_DATATYPE_CODES = sorted({int(c) for c in nib.nifti1.data_type_codes.code if isinstance(c, int)} | {9999})
+_READ = {"uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"}
+
+
+@pytest.mark.parametrize("code", _DATATYPE_CODES)
+def test_every_nifti_datatype_is_read_or_refused_by_name(tmp_path: Path, code: int) -> None:
+    """Each datatype code of the standard (and one outside it): the real ones read, the others one InputError
+    naming the file and the datatype, raised from the header before any voxel is used."""
+    codes = nib.nifti1.data_type_codes
+    label = codes.label[code] if code in codes.code else "unknown"
+    path = tmp_path / "v.nii.gz"
+    src = np.arange(2 * 3 * 4).reshape(2, 3, 4) % 3
+    try:
+        dtype = np.dtype(codes.dtype[code])
+    except KeyError:
+        dtype = np.dtype("V1")
+    if dtype.kind != "V" or dtype.fields:  # a type nibabel writes: real voxels of that type
+        hdr = nib.Nifti1Header()
+        hdr.set_data_dtype(dtype)
+        data = src.astype(dtype) if not dtype.fields else np.zeros(src.shape, dtype)
+        nib.save(nib.Nifti1Image(data, kits_affine(SPACING), header=hdr), path)
+    else:  # one nibabel cannot write or read: an int16 file whose header claims the code
+        _write(path, src.astype(np.int16))
+        raw = bytearray(gzip.decompress(path.read_bytes()))
+        raw[70:72] = np.int16(code).tobytes()
+        path.write_bytes(gzip.compress(bytes(raw)))
+    if label in _READ:
+        hu, _ = read_volume(path)
+        np.testing.assert_array_equal(hu, src.astype(np.float32))
+        return
+    with pytest.raises(InputError) as info:
+        read_volume(path)
+    assert info.value.path == str(path)
+    assert f"(NIfTI datatype {code})" in info.value.problem
+    assert "not a real number" in info.value.problem or "cannot be read" in info.value.problem
+
+
+@pytest.mark.parametrize("name", ["case_\u0660\u0660\u0660\u0660\u0662", "case_\uff10\uff10\uff10\uff10\uff11",
+                                  "case_0000\u0663"])
+def test_case_ids_are_ascii_digits(tmp_path: Path, name: str) -> None:
+    with pytest.raises(InputError, match="bad case folder name"):
+        case_id_of(tmp_path / name)
+    assert case_id_of(tmp_path / "case_00002") == "case_00002"

@@ -18,6 +18,7 @@ from typing import Any
 import kfp
 import pytest
 import yaml
+from committed import PARAMS
 from pipeline_params import TINY
 
 from components import STAGES, container_component, local_component
@@ -26,7 +27,7 @@ from components.params import param_name, pipeline_params, stage_params
 from components.stages import LAUNCH_COMMAND
 from nodeseg.cli import build_parser as nodeseg_parser
 from nodeseg.kube import pytorchjob
-from nodeseg.params import load_params
+from nodeseg.params import RUNTIME_KEYS, load_params
 from pipelines import training, tuning
 from pipelines.cli import build_parser, check_pipeline_root, run_local, submit, submit_request
 from pipelines.definition import PipelineDef
@@ -105,8 +106,8 @@ def test_every_params_key_is_a_pipeline_parameter_with_its_default(name: str) ->
     the right type whose default, passed as ``--set key=default``, gives the committed value."""
     spec, _ = _spec(name)
     declared = spec["root"]["inputDefinitions"]["parameters"]
-    committed = load_params([REPO / "params.yaml"])
-    written = [k for k, _ in _file_leaves(yaml.safe_load((REPO / "params.yaml").read_text()))]
+    committed = load_params([PARAMS])
+    written = [k for k, _ in _file_leaves(yaml.safe_load(PARAMS.read_text()))]
     assert len(written) > 50
     missing = [k for k in written if param_name(k) not in declared]
     assert not missing, f"params.yaml keys that are not parameters of pipeline {name}: {missing}"
@@ -187,19 +188,24 @@ def test_step_command_lines_parse_with_the_real_parsers(name: str, capsys: pytes
 
 
 def test_each_step_gets_the_params_its_stage_reads() -> None:
-    """dvc.yaml lists the params each stage reads; the pipeline step of that stage gets exactly those keys."""
+    """dvc.yaml lists the params each stage's output depends on; the pipeline step of that stage gets exactly
+    those keys and the runtime keys of their sections (data.workers, num_workers, log_every)."""
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for dvc_name, stage in dvc.items():
         comp = container_component(dvc_name.replace("_", "-"))
         inputs = set(comp.component_spec.inputs)
+        sections = {s.split(".")[0] for s in stage["params"]}
+        runtime = {k for k in RUNTIME_KEYS if k.split(".")[0] in sections}
         wanted = {param_name(p.key) for p in pipeline_params()
-                  if any(p.key == s or p.key.startswith(s + ".") for s in stage["params"])}
+                  if p.key in runtime or any(p.key == s or p.key.startswith(s + ".") for s in stage["params"])}
         if dvc_name == "evaluate":
             wanted.discard("evaluate__register")  # the pipeline registers in its own step
         params_inputs = {n for n in inputs if n in {p.name for p in pipeline_params()}}
         assert params_inputs == wanted, dvc_name
     pretrain = set(container_component("pretrain").component_spec.inputs)
     assert {"pretrain__lr", "unet__preset", "seed", "device"} <= pretrain and "refine__lr" not in pretrain
+    assert {"pretrain__log_every", "pretrain__num_workers"} <= pretrain
+    assert "data__workers" in container_component("preprocess").component_spec.inputs
     assert {p.key for p in stage_params("tune")} >= {"tune.n_trials", "contour.solver.first_step"}
     assert "contour.solver.atol" not in {p.key for p in stage_params("tune")}  # what tune writes
 
@@ -391,7 +397,7 @@ def raw_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from nodeseg.cli import main
 
     out = tmp_path_factory.mktemp("raw") / "phantom"
-    assert main(["generate", "--params", str(REPO / "params.yaml"), "--out", str(out),
+    assert main(["generate", "--params", str(PARAMS), "--out", str(out),
                  *[a for s in TINY for a in ("--set", s)]]) == 0
     return out
 
@@ -472,4 +478,4 @@ def test_tuning_pipeline_runs_locally(single_pod_run: Path, tmp_path: Path, file
     assert choice["solver"] and (report / "trials.csv").read_text().count("\n") >= 3  # header + 2 trials
     solver = yaml.safe_load((run / "nodeseg-tune-report" / "solver_params").read_text())["contour"]["solver"]
     assert solver == choice["solver"]
-    load_params([REPO / "params.yaml", run / "nodeseg-tune-report" / "solver_params"])  # usable as --params
+    load_params([PARAMS, run / "nodeseg-tune-report" / "solver_params"])  # usable as --params

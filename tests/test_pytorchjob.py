@@ -1,4 +1,5 @@
-"""The PyTorchJob builder (nodeseg.kube.pytorchjob) and the launcher's state machine (nodeseg.kube.launcher)."""
+"""The PyTorchJob builder (nodeseg.kube.job), its CLI (nodeseg.kube.pytorchjob) and the launcher's state machine
+(nodeseg.kube.launcher)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import pytest
 import yaml
 from kubernetes.client import ApiException
 
+from nodeseg.kube.job import build_pytorchjob
 from nodeseg.kube.launcher import JobOutcome, LaunchError, launch, run_cli_launch, terminal_condition
-from nodeseg.kube.pytorchjob import build_pytorchjob, main
+from nodeseg.kube.pytorchjob import main
 from nodeseg.kube.validate import check_roundtrip, check_wiring, expand_vars, operator_env
 
 IMAGE = "ghcr.io/nodeseg/nodeseg:0.1.0"

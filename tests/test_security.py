@@ -21,6 +21,7 @@ from typing import Any, get_type_hints
 import boto3
 import pytest
 import torch
+from committed import PARAMS
 from mlflow import MlflowClient
 from pipeline_params import REPO, TINY
 
@@ -39,7 +40,7 @@ SECRETS = {
     "GITHUB_TOKEN": "nodeseg-FAKE-github-token-94b3aa",
 }
 USER = "nodeseg-test-user"
-ARGS = ["--params", str(REPO / "params.yaml"), *[a for s in [*TINY, "pretrain.epochs=1"] for a in ("--set", s)]]
+ARGS = ["--params", str(PARAMS), *[a for s in [*TINY, "pretrain.epochs=1"] for a in ("--set", s)]]
 
 # preprocess (to S3) → pretrain (from S3) → select in one interpreter (one start-up), with debug logging
 STAGES = """
@@ -78,7 +79,7 @@ def _strings(obj: Any) -> Iterator[str]:
 def work(tmp_path_factory: pytest.TempPathFactory, aws_env: dict[str, str]) -> dict[str, Any]:
     """The stages run with fake credentials in their environment (signing real S3 requests to moto)."""
     root = tmp_path_factory.mktemp("secrets")
-    generate(root / "raw", load_params([REPO / "params.yaml"], TINY))
+    generate(root / "raw", load_params([PARAMS], TINY))
     bucket = f"nodeseg-secrets-{uuid.uuid4().hex[:8]}"
     s3 = boto3.client("s3", endpoint_url=aws_env["AWS_ENDPOINT_URL"], region_name=aws_env["AWS_DEFAULT_REGION"],
                       aws_access_key_id=SECRETS["AWS_ACCESS_KEY_ID"],

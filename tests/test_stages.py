@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from committed import PARAMS
 from pipeline_params import tiny_params
 
 from nodeseg.cli import main
@@ -84,7 +85,7 @@ def test_predict_keeps_affine_and_shape(run: dict[str, Path], tmp_path: Path) ->
 def test_cli_runs_a_stage_and_reports_bad_input(run: dict[str, Path], tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text((REPO / "params.yaml").read_text())
+    params.write_text(PARAMS.read_text())
     assert main(["select", "--params", str(params), "--run", str(run["pretrain"]), "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "model.pt").is_file()
     code = main(["refine", "--params", str(params), "--shards", str(run["shards"]),

@@ -13,6 +13,7 @@ import mlflow_server
 import nibabel as nib
 import numpy as np
 import pytest
+from committed import PARAMS
 from mlflow import MlflowClient
 from pipeline_params import tiny_params
 
@@ -125,7 +126,7 @@ def test_unreachable_tracking_server_gives_one_line(run: dict[str, Path], tmp_pa
     url = f"http://127.0.0.1:{mlflow_server.free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    code = main(["preprocess", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml"),
+    code = main(["preprocess", "--params", str(PARAMS),
                  "--raw", str(run["raw"]), "--out", str(tmp_path / "shards")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 5

@@ -19,6 +19,7 @@ from wsgiref.util import setup_testing_defaults
 import mlflow
 import optuna
 import pytest
+from committed import PARAMS
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from pipeline_params import TINY, tiny_params
@@ -156,7 +157,7 @@ def test_storage_forms(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"study .nope. not found .* \(studies there: none\)"):
         load_study(str(tmp_path / "a.db"), "nope")
     with pytest.raises(ConfigError, match="tune: argument 'methods' must be a non-empty list"):
-        load_params([REPO / "params.yaml"], ["tune.methods=[rk45]"])
+        load_params([PARAMS], ["tune.methods=[rk45]"])
 
 
 _POP_RACE = """
@@ -273,7 +274,7 @@ def test_runaway_trial_fails_with_its_reason_on_a_journal(selected: dict[str, Pa
 
 def test_cli_writes_the_tuned_solver_that_refine_reads(selected: dict[str, Path], tmp_path: Path) -> None:
     params_file = tmp_path / "params.yaml"
-    shutil.copy(REPO / "params.yaml", params_file)
+    shutil.copy(PARAMS, params_file)
     sets = [*TINY, *FAST, "tune.reference_atol=null", "tune.methods=[bosh3, rk4]", "tune.step_sizes=[0.5]", "tune.steps=[]", "tune.inference_methods=[]"]
     out = tmp_path / "tune"
     argv = ["tune", "--params", str(params_file), *[a for s in sets for a in ("--set", s)], "--shards",
@@ -292,7 +293,7 @@ def test_cli_writes_the_tuned_solver_that_refine_reads(selected: dict[str, Path]
 
 def test_write_solver_params_keeps_the_file_and_reads_back(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
-    shutil.copy(REPO / "params.yaml", path)
+    shutil.copy(PARAMS, path)
     before = path.read_text().splitlines()
     write_solver_params(path, {"method": "rk4", "atol": 1e-5, "rtol": 0.0, "step_size": 0.25, "adjoint": False})
     after = path.read_text().splitlines()
@@ -348,7 +349,7 @@ def _worker(selected: dict[str, Path], out: Path, storage: str, workers: int = 1
             ) -> subprocess.Popen[bytes]:
     """``nodeseg tune --phase optimize`` of one trial per worker, as its own process (the session's MLflow
     store)."""
-    argv = [sys.executable, "-m", "nodeseg", "tune", "--params", str(REPO / "params.yaml"),
+    argv = [sys.executable, "-m", "nodeseg", "tune", "--params", str(PARAMS),
             *[a for s in (*RESILIENT, *extra) for a in ("--set", s)], "--shards", str(selected["shards"]),
             "--unet", str(selected["unet"]), "--out", str(out), "--storage", storage, "--phase", "optimize",
             "--n-trials", str(workers), "--workers", str(workers)]

@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 from isal import igzip, isal_zlib
 from nibabel.filebasedimages import ImageFileError
+from nibabel.nifti1 import data_type_codes
 from nibabel.spatialimages import HeaderDataError
 from nibabel.volumeutils import array_from_file
 
@@ -48,7 +49,7 @@ SEGMENTATION = "segmentation.nii.gz"
 LABELS = {0: "background", 1: "kidney", 2: "tumour"}
 MAX_AXIS = 4096
 MAX_VOXELS = 1 << 29  # 537 M voxels: 2 GiB as float32; the largest interpolated KiTS19 case has 116 M
-CASE_RE = re.compile(r"case_\d{5}")
+CASE_RE = re.compile(r"case_[0-9]{5}")  # ASCII digits only: \d would take Arabic-Indic and other digits
 _TILE = 64  # take_slices copies Fortran-ordered volumes in tiles of _TILE × _TILE voxels per slice
 _CHUNK_BYTES = 1 << 20  # _read_slices inflates this much of a volume at a time (whole W-columns)
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, isal_zlib.error, struct.error, ImageFileError,
@@ -84,17 +85,68 @@ def list_cases(root: str | os.PathLike[str]) -> list[Path]:
     return cases
 
 
+def _datatype_name(code: int) -> str:
+    """A NIfTI datatype code in words, e.g. ``RGB24 (NIfTI datatype 128)``."""
+    try:
+        name = data_type_codes.niistring[code].removeprefix("NIFTI_TYPE_") or data_type_codes.label[code]
+    except KeyError:
+        name = "unknown"
+    return f"{name} (NIfTI datatype {code})"
+
+
+def _stored_datatype(path: Path) -> int | None:
+    """The datatype code in the header of ``path``, read without nibabel's checks; None if it cannot be read."""
+    try:
+        with (igzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+            block = f.read(540)
+        for klass in (nib.Nifti1Header, nib.Nifti2Header):
+            if klass.may_contain_header(block):
+                return int(klass(block[:klass.template_dtype.itemsize], check=False)["datatype"])
+    except (*_READ_ERRORS, KeyError):
+        pass
+    return None
+
+
+def _check_real_voxels(img: nib.Nifti1Image, path: Path) -> None:
+    """Refuse voxel types that are not real numbers.
+
+    Accepted: the integer types (u)int8 … (u)int64 and float32/float64, either byte order. Refused: complex64
+    and complex128 (the imaginary part would be dropped), RGB24 and RGBA32 (structured colour voxels); the
+    codes nibabel cannot read at all (binary, float128, complex256, none, unknown codes) are refused when the
+    header is loaded. NIfTI has no float16 or bool datatype.
+    """
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.kind in "iu" or (dtype.kind == "f" and dtype.itemsize in (4, 8)):
+        return
+    code = int(img.header["datatype"])
+    kind = ("complex" if dtype.kind == "c" else "colour (structured)" if dtype.fields
+            else f"a {8 * dtype.itemsize}-bit float" if dtype.kind == "f" else "non-numeric")
+    raise InputError(path, f"voxel datatype {_datatype_name(code)} is {kind}, not a real number: expected "
+                           f"integer or float32/float64 voxels; re-export the volume (CT as int16, labels as uint8)")
+
+
 def _load_header(path: Path, max_axis: int, max_voxels: int) -> nib.Nifti1Image:
-    """Open ``path`` lazily and check the header: 3-D, positive finite spacing, sane dimensions."""
+    """Open ``path`` lazily and check the header: a real voxel type, 3-D, positive finite spacing, sane dimensions."""
     try:
         img = nib.load(path)
     except FileNotFoundError:
         raise InputError(path, "file not found") from None
+    except HeaderDataError as err:
+        code = _stored_datatype(path)
+        if code is not None and (code not in data_type_codes.code
+                                 or np.dtype(data_type_codes.dtype[code]).kind == "V"
+                                 and not np.dtype(data_type_codes.dtype[code]).fields):
+            raise InputError(path, f"voxel datatype {_datatype_name(code)} cannot be read: expected integer or "
+                                   f"float32/float64 voxels; re-export the volume (CT as int16, labels as uint8)"
+                             ) from None
+        raise InputError(path, f"cannot read the NIfTI header: corrupt or truncated gzip, or not NIfTI "
+                               f"({_oneline(err)}); re-download or re-export the file") from None
     except _READ_ERRORS as err:
         raise InputError(path, f"cannot read the NIfTI header: corrupt or truncated gzip, or not NIfTI "
                                f"({_oneline(err)}); re-download or re-export the file") from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(path, f"expected a NIfTI image, got {type(img).__name__}")
+    _check_real_voxels(img, path)
     shape = tuple(int(s) for s in img.shape)
     if len(shape) != 3:
         raise InputError(path, f"expected a 3-D volume (slices, H, W), got shape {shape}")

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from nodeseg.errors import NodesegError, check_arg
-from nodeseg.kube.pytorchjob import API_VERSION, CONTAINER_NAME, KIND, is_dns1123_label
+from nodeseg.kube.job import API_VERSION, CONTAINER_NAME, KIND, is_dns1123_label
 from nodeseg.kube.validate import check_roundtrip, check_wiring
 
 GROUP, VERSION = API_VERSION.split("/")

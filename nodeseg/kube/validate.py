@@ -16,7 +16,7 @@ from typing import Any
 from kubeflow.training import ApiClient
 
 from nodeseg.errors import check_arg
-from nodeseg.kube.pytorchjob import API_VERSION, CONTAINER_NAME, DDP_STAGES, KIND, PORT_NAME
+from nodeseg.kube.job import API_VERSION, CONTAINER_NAME, DDP_STAGES, KIND, PORT_NAME
 
 
 class _Response:

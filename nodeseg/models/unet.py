@@ -1,6 +1,6 @@
 """UNet: regression of the signed distance map φ from an image, also used as the ODE function fθ.
 
-Sizes live in ``nodeseg.models.registry.PRESETS['unet']`` (re-exported here as ``UNET_PRESETS``).
+Sizes live in ``nodeseg.models.presets.PRESETS['unet']`` (re-exported here as ``UNET_PRESETS``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from nodeseg.errors import check_arg
 from nodeseg.models.blocks import ConvNormAct, check_positive_int, zero_conv
+from nodeseg.models.presets import UNET_PRESETS as UNET_PRESETS  # re-exported
 
 
 class DoubleConv(nn.Sequential):
@@ -85,11 +86,3 @@ class UNet(nn.Module):
             x = self.dec[i](torch.cat([self.up[i](x), skips[i]], dim=1))
         return self.head(x)[..., :h, :w]
 
-
-def __getattr__(name: str) -> object:
-    # UNET_PRESETS lives in the registry (one place for all sizes); imported lazily to avoid a cycle.
-    if name == "UNET_PRESETS":
-        from nodeseg.models.registry import PRESETS
-
-        return PRESETS["unet"]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

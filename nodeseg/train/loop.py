@@ -38,6 +38,11 @@ from nodeseg.train.ddp import DistInfo, all_reduce_sum, barrier
 log = logging.getLogger(__name__)
 
 
+#: the TrainConfig fields that change how fast or how verbosely a run goes, never what it trains: a resume ignores
+#: them, and dvc.yaml does not rerun a stage for them (nodeseg.params.RUNTIME_KEYS)
+RUNTIME_FIELDS = ("num_workers", "log_every")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings of one training stage (a section of params.yaml)."""
@@ -106,8 +111,8 @@ class TrainConfig:
         """The settings a resume must agree on (``epochs`` may grow to extend a run)."""
         d = asdict(self)
         d.pop("epochs")
-        d.pop("num_workers")
-        d.pop("log_every")
+        for name in RUNTIME_FIELDS:
+            d.pop(name)
         for name in (*REGULARISERS, "end_time_jitter", "class_balance_steps"):  # added later: left out when off,
             if d[name] == 0:  # so that the fingerprints of earlier runs still match
                 d.pop(name)
