@@ -632,6 +632,13 @@ def _empty_val(tmp: Path, base: Base) -> list[str]:
     return _pretrain(tmp, tmp / "shards")
 
 
+@case("select-samples-unrecorded", "`pretrain.select_samples: 1` below `select.samples: 8` (the val split has 2)",
+      "pretrain", "pretrain.select_samples",
+      "1 is below select.samples (8) on a val split of 2 samples, so `nodeseg select` would fail after training")
+def _head_short(tmp: Path, base: Base) -> list[str]:
+    return [*COMMON, "--set", "pretrain.select_samples=1", "--shards", str(base.shards), "--out", str(tmp / "run")]
+
+
 # predict and URLs --------------------------------------------------------------------------------------------
 
 def _predict(tmp: Path, base: Base, given: Path) -> list[str]:

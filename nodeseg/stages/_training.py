@@ -12,7 +12,7 @@ from torch import nn
 
 from nodeseg.config import flatten
 from nodeseg.data.shards import SliceDataset, read_manifest
-from nodeseg.errors import InputError
+from nodeseg.errors import ConfigError, InputError
 from nodeseg.params import Params
 from nodeseg.stages.select import SelectConfig, select_checkpoint
 from nodeseg.tracking import Tracker
@@ -56,6 +56,17 @@ def datasets(shards: Path, cfg: TrainConfig, seed: int) -> tuple[SliceDataset, S
     return train, val
 
 
+def check_head(stage: str, recorded: int, selected: int, n_val: int) -> None:
+    """Refuse, before training, a run whose checkpoints would record fewer per-sample validation losses
+    (``<stage>.select_samples`` = ``recorded``) than ``select.samples`` (``selected``) will read on a split of
+    ``n_val`` samples: select would fail only after the training."""
+    need = min(selected, n_val)
+    if recorded < need:
+        raise ConfigError(f"{stage}.select_samples: {recorded} is below select.samples ({selected}) on a val split "
+                          f"of {n_val} samples, so `nodeseg select` would fail after training; set "
+                          f"{stage}.select_samples to at least {need}, or lower select.samples")
+
+
 def image_channels(dataset: SliceDataset) -> int:
     """Channels of the stored images (1 for CT, 3 for RGB saliency images)."""
     return int(dataset[0]["image"].shape[0])
@@ -70,6 +81,7 @@ def run_training(
     build: Callable[[int], tuple[nn.Module, dict[str, Any]]],
     *,
     export_best: bool = True,
+    select_samples: int | None = None,
     tags: dict[str, str] | None = None,
 ) -> FitResult:
     """Train the model ``build(in_channels)`` returns (with its spec), optionally export its best checkpoint.
@@ -82,6 +94,8 @@ def run_training(
     try:
         data_id, preprocessing = data_info(shards)
         train_set, val_set = datasets(shards, cfg, params.seed)
+        if select_samples is not None:
+            check_head(stage, cfg.select_samples, select_samples, len(val_set))
         torch.manual_seed(params.seed)  # the same initial weights on every rank and every rerun
         model, spec = build(image_channels(train_set))
         spec = {**spec, "preprocessing": preprocessing}

@@ -20,4 +20,6 @@ def pretrain(shards: Path, out: Path, params: Params) -> FitResult:
         spec = make_spec("unet", params.unet, in_channels=channels)
         return build_from_spec(spec), spec
 
-    return run_training("pretrain", Path(shards), Path(out), params, params.pretrain, build, export_best=False)
+    # select reads the first select.samples validation losses of each checkpoint: refuse now what it would refuse
+    return run_training("pretrain", Path(shards), Path(out), params, params.pretrain, build, export_best=False,
+                        select_samples=params.select.samples)
