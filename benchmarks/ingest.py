@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--imaging {args.imaging!r}: expected a comma-separated subset of {', '.join(MODES)}",
               file=sys.stderr)
         return 2
-    n_cases = args.cases or (1 if args.quick else None)
+    n_cases = args.cases or (2 if args.quick else None)  # 2: a split needs a case in train and in val
     size = args.size or (64 if args.quick else 200)
     workers = 1 if args.quick and not args.workers else resolve_workers(args.workers)
     reps = args.reps or 1
