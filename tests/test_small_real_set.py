@@ -35,7 +35,7 @@ def test_unet_on_24_real_slices_predicts_kidney(kits19_labels_dir: Path, tmp_pat
             "pretrain.epochs=60", "pretrain.max_batches_per_epoch=1", "pretrain.batch_size=8",
             "pretrain.select_samples=4", "select.samples=4", "evaluate.figure_samples=0"]
     params = load_params([REPO / "params.yaml"], sets)
-    assert params.pretrain.class_balance  # the committed default
+    assert params.pretrain.class_balance_steps > 0  # the committed default: balanced first steps
     preprocess(raw, tmp_path / "all", params)
     split = read_manifest(tmp_path / "all")["splits"]
     keep = {"train": set(split["train"]["cases"]), "val": set(split["val"]["cases"])}
