@@ -20,7 +20,7 @@ from typing import Any
 
 from benchmarks.common import REPO, RESULTS, load_average
 
-SCRIPTS = ("ode_overhead", "nfe_memory", "flops", "ingest", "inference", "solver_peers", "accuracy")
+SCRIPTS = ("ode_overhead", "nfe_memory", "flops", "ingest", "inference", "solver_peers", "accuracy", "nfe_cost")
 
 
 def _headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -54,6 +54,16 @@ def _headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
             st = res["statistics"]
             out[ds] = {key: {"mean": round(d["iou"]["mean"], 4), "ci95": [round(v, 4) for v in d["iou"]["ci95"]]}
                        for key, d in st["differences"].items()}
+        return out
+    if name == "nfe_cost":
+        out = {"goal": "NFE per training step and per inference slice <= 0.25x dopri5 atol 1e-5 (adjoint), "
+                       "IoU difference interval > -0.005"}
+        for ds, res in data.get("datasets", {}).items():
+            out[ds] = {v: {"nfe_ratio": round(r["nfe_per_step"]["mean"], 3),
+                           "inference_nfe_ratio": round(r["inference_nfe"]["mean"], 3),
+                           "iou_difference_ci95": [round(x, 4) for x in
+                                                   res["statistics"]["differences"][f"{v}-reference"]["iou"]["ci95"]],
+                           "holds": res["goal"][v]["holds"]} for v, r in res["ratios"].items()}
         return out
     return {}
 

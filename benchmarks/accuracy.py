@@ -38,6 +38,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +63,9 @@ DATASET_SETS: dict[str, list[str]] = {
     "phantom": [],
     # real anatomy: the plain narrow-band MSE drives the UNet to an empty prediction here even after balanced
     # first steps (benchmarks/README.md, "Accuracy"), so every model trains on the class-balanced loss
-    "kits19": ["ingest.size=200", "ingest.pseudo_ct=true", "data.source=kits19", "pretrain.epochs=6",
+    "kits19": ["ingest.size=200", "ingest.pseudo_ct=true", "data.source=kits19", "pretrain.epochs=12",
                "pretrain.max_batches_per_epoch=40", "refine.epochs=2", "refine.max_batches_per_epoch=20",
-               "image_evolve.epochs=4", "image_evolve.max_batches_per_epoch=30",
+               "image_evolve.epochs=8", "image_evolve.max_batches_per_epoch=30",
                "pretrain.class_balance_steps=1000000", "refine.class_balance_steps=1000000",
                "image_evolve.class_balance_steps=1000000"],
     "folder": ["data.source=saliency"],
@@ -178,11 +179,12 @@ def run_seed(shards: Path, out: Path, params_path: str, sets: list[str], seed: i
 # ----------------------------------------------------------------------------------------------- statistics
 
 
-def _tables(rows: list[dict[str, Any]], cases: list[str]) -> dict[str, dict[str, np.ndarray]]:
+def _tables(rows: list[dict[str, Any]], cases: list[str],
+            models: Sequence[str] = MODELS) -> dict[str, dict[str, np.ndarray]]:
     """Per model, per case arrays: tp, fp, fn sums and per-metric (sum, count) over the case's slices."""
     index = {c: i for i, c in enumerate(cases)}
     out: dict[str, dict[str, np.ndarray]] = {}
-    for model in MODELS:
+    for model in models:
         t = {k: np.zeros(len(cases)) for k in ("tp", "fp", "fn")}
         for m in METRICS[1:]:
             t[m + "_sum"], t[m + "_n"] = np.zeros(len(cases)), np.zeros(len(cases))
@@ -212,15 +214,23 @@ def _stat(t: dict[str, np.ndarray], weights: np.ndarray) -> dict[str, np.ndarray
     return res
 
 
-def statistics(per_seed: dict[int, list[dict[str, Any]]], n_boot: int, seed: int = 12345) -> dict[str, Any]:
-    """Point estimates, patient-bootstrap intervals and paired differences (see the module docstring)."""
+def statistics(per_seed: dict[int, list[dict[str, Any]]], n_boot: int, seed: int = 12345,
+               models: Sequence[str] = MODELS,
+               pairs: Sequence[tuple[str, str]] = (("contour", "unet"), ("image", "unet"), ("monai", "unet")),
+               ) -> dict[str, Any]:
+    """Point estimates, patient-bootstrap intervals and paired differences (see the module docstring).
+
+    ``models`` are the ``model`` values of the rows; ``pairs`` the (model, baseline) differences, keyed
+    ``"model-baseline"``, each seed's model against that seed's baseline.
+    """
     cases = sorted({r["case_id"] for rows in per_seed.values() for r in rows})
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(cases), size=(n_boot, len(cases)))
     weights = np.zeros((n_boot + 1, len(cases)))
     weights[0] = 1.0  # row 0: the observed set
     np.add.at(weights[1:], (np.arange(n_boot)[:, None], draws), 1.0)
-    stats = {s: {m: _stat(t, weights) for m, t in _tables(rows, cases).items()} for s, rows in per_seed.items()}
+    stats = {s: {m: _stat(t, weights) for m, t in _tables(rows, cases, models).items()}
+             for s, rows in per_seed.items()}
     seeds = sorted(stats)
 
     def summarise(values: np.ndarray) -> dict[str, Any]:  # (seeds, 1 + n_boot)
@@ -231,12 +241,12 @@ def statistics(per_seed: dict[int, list[dict[str, Any]]], n_boot: int, seed: int
         return {"mean": float(mean[0]), "ci95": [float(lo), float(hi)],
                 "per_seed": [float(v) for v in values[:, 0]]}
 
-    models = {m: {k: summarise(np.stack([stats[s][m][k] for s in seeds])) for k in METRICS} for m in MODELS}
+    summary = {m: {k: summarise(np.stack([stats[s][m][k] for s in seeds])) for k in METRICS} for m in models}
     diffs = {}
-    for other in ("contour", "image", "monai"):
-        diffs[f"{other}-unet"] = {k: summarise(np.stack([stats[s][other][k] - stats[s]["unet"][k] for s in seeds]))
-                                  for k in METRICS}
-    return {"n_cases": len(cases), "n_boot": n_boot, "seeds": seeds, "models": models, "differences": diffs}
+    for other, base in pairs:
+        diffs[f"{other}-{base}"] = {k: summarise(np.stack([stats[s][other][k] - stats[s][base][k] for s in seeds]))
+                                    for k in METRICS}
+    return {"n_cases": len(cases), "n_boot": n_boot, "seeds": seeds, "models": summary, "differences": diffs}
 
 
 def _cell(s: dict[str, Any], digits: int = 4) -> str:
@@ -333,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-cases", type=int, default=40)
     p.add_argument("--val-cases", type=int, default=42)
     p.add_argument("--stride", type=int, default=3, help="kits19: every N-th kidney slice of a training case")
-    p.add_argument("--val-stride", type=int, default=6, help="kits19: every N-th kidney slice of a validation case")
+    p.add_argument("--val-stride", type=int, default=12, help="kits19: every N-th kidney slice of a validation case")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--params", default=str(REPO / "params.yaml"))

@@ -40,7 +40,7 @@ def _finite_numbers(obj: object) -> bool:
     return True
 
 
-@pytest.mark.parametrize("name", [n for n in SCRIPTS if n != "accuracy"])  # accuracy: its own tests below
+@pytest.mark.parametrize("name", [n for n in SCRIPTS if n not in ("accuracy", "nfe_cost")])  # own tests
 def test_quick_run_writes_valid_json(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     if name == "ingest" and not KITS19.is_dir():
         pytest.skip(f"{KITS19} absent: the ingest benchmark reads the real KiTS19 labels")
