@@ -334,6 +334,8 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
         else:
             print(f"=== {name}: seed {seed}", flush=True)
             shutil.rmtree(out, ignore_errors=True)  # a fresh run per seed: no resume across settings
+            out.mkdir(parents=True)
+            (out / "overrides.json").write_text(json.dumps({"overrides": sets}))  # for benchmarks/variants.py
             run = {**run_seed(shards, out, args.params, sets, seed), "overrides": sets}
             done.write_text(json.dumps(run, default=float))
         per_seed[seed] = run["rows"]

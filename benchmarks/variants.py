@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser, variants: Sequence[str], seeds: st
     p.add_argument("--rebuild", action="store_true", help="rebuild the shards")
     p.add_argument("--work", type=Path, help="shards, UNets and runs (default: <out>/<benchmark>); the accuracy "
                    "benchmark's --work is reused (its UNets, where they ran with the same overrides)")
+    p.add_argument("--no-reuse", action="store_true", help="refine the baseline here even where the accuracy "
+                   "benchmark's refine of the seed (the same params) can be scored")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--clock", default=None, help="accepted for the runner; unused")
@@ -70,9 +72,8 @@ def unet_for_seed(shards: Path, work: Path, params_path: str, sets: list[str], s
     from nodeseg.stages.pretrain import pretrain
     from nodeseg.stages.select import select_checkpoint
 
-    done = work / f"seed-{seed}" / "run.json"
     model = work / f"seed-{seed}" / "select" / "model.pt"
-    if done.is_file() and json.loads(done.read_text()).get("overrides") == sets and model.is_file():
+    if model.is_file() and _accuracy_run_matches(work, seed, sets):
         print(f"  seed {seed}: the accuracy benchmark's UNet {model}", flush=True)
         return model
     out = work / "unets" / f"seed-{seed}"
@@ -84,6 +85,26 @@ def unet_for_seed(shards: Path, work: Path, params_path: str, sets: list[str], s
     return model
 
 
+def _accuracy_run_matches(work: Path, seed: int, sets: list[str]) -> bool:
+    """Whether the accuracy benchmark's seed folder ran with ``sets``: its run.json, or, while that seed is still
+    running (no run.json yet), the overrides it recorded at its start (``overrides.json``)."""
+    for name in ("run.json", "overrides.json"):
+        path = work / f"seed-{seed}" / name
+        if path.is_file():
+            return json.loads(path.read_text()).get("overrides") == sets
+    return False
+
+
+def _reused_baseline(work: Path, seed: int, sets: list[str], p: Params) -> dict[str, Any] | None:
+    """The accuracy benchmark's own refine of ``seed`` (the baseline variant without overrides is that run)."""
+    out = work / f"seed-{seed}" / "refine"
+    if not ((out / "model.pt").is_file() and (out / "train_log.csv").is_file()
+            and _accuracy_run_matches(work, seed, sets)):
+        return None
+    return {"refine_seconds": math.nan, "peak_memory_mb": math.nan, "peak_memory_kind": "not measured (reused)",
+            "load_average_1m": math.nan, "reused": str(out), **train_costs(out, p.contour.solver.adjoint)}
+
+
 def _load_1m() -> float:
     try:
         return round(os.getloadavg()[0], 2)
@@ -91,26 +112,33 @@ def _load_1m() -> float:
         return math.nan
 
 
-def run_variant(shards: Path, unet: Path, out: Path, p: Params) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
-    """Refine with ``p`` (peak memory, wall time, costs), score the result image by image; (record, rows, model)."""
+def run_variant(shards: Path, unet: Path, out: Path, p: Params,
+                reused: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
+    """Refine with ``p`` (peak memory, wall time, costs), score the result image by image; (record, rows, model).
+
+    With ``reused`` (a finished refine's record, its folder under ``"reused"``), that refine is scored instead.
+    """
     from nodeseg.data.shards import SliceDataset
     from nodeseg.models.spec import load_model
     from nodeseg.stages.evaluate import score
     from nodeseg.stages.refine import refine
     from nodeseg.tuning.memory import PeakMemory
 
-    memory = PeakMemory(pick_device(p.device))
-    load = _load_1m()
-    t0 = time.perf_counter()
-    with memory:
-        refine(shards, unet, out, p)
-    seconds = time.perf_counter() - t0
+    if reused is not None:
+        record, out = dict(reused), Path(reused["reused"])
+    else:
+        memory = PeakMemory(pick_device(p.device))
+        load = _load_1m()
+        t0 = time.perf_counter()
+        with memory:
+            refine(shards, unet, out, p)
+        record = {"refine_seconds": round(time.perf_counter() - t0, 1), "peak_memory_mb": round(memory.mb, 1),
+                  "peak_memory_kind": memory.kind, "load_average_1m": load,
+                  **train_costs(out, p.contour.solver.adjoint)}
     model, _ = load_model(out / "model.pt", expect=("contour",))
     rows: list[dict[str, Any]] = []
     summary = score(model, SliceDataset(shards, "val"), p.evaluate, per_slice=rows)
-    record = {"refine_seconds": round(seconds, 1), "peak_memory_mb": round(memory.mb, 1),
-              "peak_memory_kind": memory.kind, "load_average_1m": load,
-              **train_costs(out, p.contour.solver.adjoint), "inference_nfe": summary["mean_nfe"],
+    record = {**record, "inference_nfe": summary["mean_nfe"],
               **{f"val_{k}": summary[k] for k in ("iou", "dice", "hd95_mm", "components_error")}}
     return record, rows, model
 
@@ -141,9 +169,11 @@ def run_variants(dataset: str, args: argparse.Namespace, variants: Mapping[str, 
     for seed in seeds:
         unet = unet_for_seed(shards, work, args.params, sets, seed)
         runs[seed], rows[seed] = {}, []
-        for v in chosen:
+        # the baseline last: without overrides it is the accuracy benchmark's own refine, which may still be running
+        for v in [*chosen[1:], chosen[0]]:
             p = load_params([args.params], [*sets, *variants[v], f"seed={seed}", "evaluate.register=false"])
-            record, per_slice, model = run_variant(shards, unet, work / name / f"seed-{seed}" / v, p)
+            reused = _reused_baseline(work, seed, sets, p) if not variants[v] and not args.no_reuse else None
+            record, per_slice, model = run_variant(shards, unet, work / name / f"seed-{seed}" / v, p, reused)
             if after_model is not None:
                 after_model(v, seed, model, shards)
             runs[seed][v] = record
@@ -151,6 +181,7 @@ def run_variants(dataset: str, args: argparse.Namespace, variants: Mapping[str, 
             print(f"  {name} seed {seed} {v}: " + ", ".join(f"{k} {record[k]:.4g}" for k in
                   ("nfe_per_step", "inference_nfe", "seconds_per_step", "peak_memory_mb", "val_iou", "val_hd95_mm")),
                   flush=True)
+        runs[seed] = {v: runs[seed][v] for v in chosen}
     return {"dataset": dataset, "overrides": sets, "variants": chosen,
             "variant_overrides": {v: list(variants[v]) for v in chosen},
             "statistics": accuracy.statistics(rows, args.bootstrap, models=chosen,
