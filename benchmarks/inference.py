@@ -64,7 +64,7 @@ def _volume(path: Path | None, quick: bool, dest: Path) -> tuple[Path, str]:
     if path is not None:
         return path, str(path)
     from nodeseg.data.kits19 import open_case
-    from nodeseg.data.synthetic import synthesize_imaging
+    from nodeseg.data.render import synthesize_imaging
 
     case = common.SHARED_DATA / "kits19-interpolated" / "case_00001"
     rng = np.random.default_rng(0)

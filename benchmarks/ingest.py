@@ -149,7 +149,7 @@ def breakdown(root: Path, size: int, n_cases: int, pseudo_ct: bool = True) -> di
     wanted = {
         "decode (load_segmentation)": ("kits19.py", "load_segmentation"),
         "decode (load_imaging)": ("kits19.py", "load_imaging"),
-        "pseudo-CT (synthesize_imaging)": ("synthetic.py", "synthesize_imaging"),
+        "pseudo-CT (synthesize_imaging)": ("render.py", "synthesize_imaging"),
         "normalise_hu": ("kits19.py", "normalise_hu"),
         "resize_image": ("transforms.py", "resize_image"),
         "resize_mask": ("transforms.py", "resize_mask"),

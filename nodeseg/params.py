@@ -14,7 +14,7 @@ import yaml
 from nodeseg.config import from_mapping, read_yaml, to_mapping
 from nodeseg.data.ingest_config import IngestConfig
 from nodeseg.data.readers import READERS
-from nodeseg.data.synthetic import PhantomConfig
+from nodeseg.data.render import PhantomConfig
 from nodeseg.errors import ConfigError, check_arg
 from nodeseg.priors import PriorsConfig
 from nodeseg.solve import SolverConfig

@@ -11,14 +11,8 @@ from scipy import ndimage
 
 from nodeseg.config import from_mapping
 from nodeseg.data.kits19 import IMAGING, SEGMENTATION, kept_slices, list_cases, open_case
-from nodeseg.data.synthetic import (
-    PhantomConfig,
-    kits_affine,
-    phantom_labels,
-    synthesize_imaging,
-    write_phantom_cases,
-    write_pseudo_ct_cases,
-)
+from nodeseg.data.render import PhantomConfig, synthesize_imaging
+from nodeseg.data.synthetic import kits_affine, phantom_labels, write_phantom_cases, write_pseudo_ct_cases
 from nodeseg.data.transforms import resize_image, resize_mask
 from nodeseg.errors import ConfigError, InputError
 

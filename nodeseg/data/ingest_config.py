@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from nodeseg.data.kits19 import MAX_AXIS, MAX_VOXELS
-from nodeseg.data.synthetic import PhantomConfig
+from nodeseg.data.render import PhantomConfig
 
 __all__ = ["MASK_LABELS", "IngestConfig", "group_regex", "mask_color_table"]
 

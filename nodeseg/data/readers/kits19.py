@@ -28,7 +28,7 @@ from nodeseg.data.kits19 import (
 )
 from nodeseg.data.readers.base import ItemResult, PhiFn, Reader
 from nodeseg.data.shardio import SliceRecord
-from nodeseg.data.synthetic import synthesize_imaging
+from nodeseg.data.render import synthesize_imaging
 from nodeseg.data.transforms import resize_image, resize_mask
 from nodeseg.levelset import signed_distance
 
