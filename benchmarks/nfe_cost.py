@@ -64,7 +64,8 @@ def markdown(result: dict[str, Any]) -> str:
     """The cost and accuracy table of one data set."""
     st, names = result["statistics"], result["variants"]
     lines = [f"### {result['dataset']}: {st['n_cases']} validation patients, seeds {st['seeds']}, "
-             f"{st['n_boot']} patient bootstraps",
+             f"{st['n_boot']} patient bootstraps"
+             + (f"; every refine with {', '.join(result['refine_overrides'])}" if result.get("refine_overrides") else ""),
              "",
              "| variant | NFE / train step | NFE / inference slice | s / step | refine s | peak MiB | IoU | HD95 (mm) |",
              "|---|---|---|---|---|---|---|---|"]

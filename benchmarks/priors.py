@@ -66,7 +66,9 @@ def markdown(result: dict[str, Any]) -> str:
     keys = ("iou", "dice", "hd95_mm", "asd_mm", "nsd_2px", "components_error")
     head = "| IoU | Dice | HD95 (mm) | ASD (mm) | surface Dice 2 px | \\|Δ components\\| |"
     lines = [f"### {result['dataset']}: {st['n_cases']} validation patients, seeds {st['seeds']}, "
-             f"{st['n_boot']} patient bootstraps (mean [95 % interval])", "",
+             f"{st['n_boot']} patient bootstraps (mean [95 % interval])"
+             + (f"; every refine with {', '.join(result['refine_overrides'])}" if result.get("refine_overrides") else ""),
+             "",
              "| variant " + head + " NFE / inference slice |", "|---" * (len(keys) + 2) + "|"]
     for v in names:
         nfe = float(np.mean([r[v]["inference_nfe"] for r in result["runs"].values()]))

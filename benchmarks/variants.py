@@ -44,7 +44,11 @@ def add_arguments(p: argparse.ArgumentParser, variants: Sequence[str], seeds: st
     p.add_argument("--variants", default=",".join(variants), help=f"comma-separated, of: {', '.join(variants)}")
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--params", default=str(REPO / "params.yaml"))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every variant")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override of every stage (the UNet's too)")
+    p.add_argument("--refine-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override of every variant's refine only (e.g. a shorter budget): the seed's UNet is "
+                        "still the accuracy benchmark's")
     p.add_argument("--quick", action="store_true", help="tiny data and budgets: a smoke run")
     p.add_argument("--rebuild", action="store_true", help="rebuild the shards")
     p.add_argument("--work", type=Path, help="shards, UNets and runs (default: <out>/<benchmark>); the accuracy "
@@ -171,8 +175,10 @@ def run_variants(dataset: str, args: argparse.Namespace, variants: Mapping[str, 
         runs[seed], rows[seed] = {}, []
         # the baseline last: without overrides it is the accuracy benchmark's own refine, which may still be running
         for v in [*chosen[1:], chosen[0]]:
-            p = load_params([args.params], [*sets, *variants[v], f"seed={seed}", "evaluate.register=false"])
-            reused = _reused_baseline(work, seed, sets, p) if not variants[v] and not args.no_reuse else None
+            p = load_params([args.params], [*sets, *args.refine_set, *variants[v], f"seed={seed}",
+                                            "evaluate.register=false"])
+            plain = not variants[v] and not args.refine_set and not args.no_reuse
+            reused = _reused_baseline(work, seed, sets, p) if plain else None
             record, per_slice, model = run_variant(shards, unet, work / name / f"seed-{seed}" / v, p, reused)
             if after_model is not None:
                 after_model(v, seed, model, shards)
@@ -182,7 +188,7 @@ def run_variants(dataset: str, args: argparse.Namespace, variants: Mapping[str, 
                   ("nfe_per_step", "inference_nfe", "seconds_per_step", "peak_memory_mb", "val_iou", "val_hd95_mm")),
                   flush=True)
         runs[seed] = {v: runs[seed][v] for v in chosen}
-    return {"dataset": dataset, "overrides": sets, "variants": chosen,
+    return {"dataset": dataset, "overrides": sets, "refine_overrides": list(args.refine_set), "variants": chosen,
             "variant_overrides": {v: list(variants[v]) for v in chosen},
             "statistics": accuracy.statistics(rows, args.bootstrap, models=chosen,
                                               pairs=[(v, baseline) for v in chosen[1:]]),
