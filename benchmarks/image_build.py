@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     b = Builder(args.work.resolve(), args.nice)
     result: dict[str, Any] = {"dockerfile": "components/Dockerfile.cpu", "image": IMAGE_TAG, "base": BASE_TAG,
-                              "storage_driver": "vfs", "isolation": "chroot", "buildah": "", "steps": {}}
+                              "storage_driver": "vfs", "isolation": "chroot", "buildah": "", "steps": {},
+                              "load_average_before": common.load_average()}
     steps = result["steps"]
     try:
         result["buildah"] = b.sh("version", ["buildah", "--version"]).stdout.strip()
