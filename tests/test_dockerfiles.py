@@ -108,7 +108,7 @@ def test_entrypoint_is_nodeseg_and_package_comes_from_the_context(path: Path) ->
     runs = " ".join(rest for word, rest in instructions(path) if word == "RUN")
     assert not re.search(r"pip install[^&]*(\s-e\s|--editable)", runs), "no editable installs"
     assert (
-        "pip install --no-cache-dir --no-deps ." in runs
+        re.search(r"pip install --no-cache-dir (\$\{WHEELS:\+[^}]*\} )?--no-deps \.", runs)
         or "pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ." in runs
     )
     assert not [rest for word, rest in instructions(path) if word == "VOLUME"], "no source or data volumes"
@@ -139,9 +139,60 @@ def test_cpu_image_installs_the_pinned_cpu_torch() -> None:
     torch = pin("torch")
     assert torch == "2.13.0"
     assert (
-        f"pip install --no-cache-dir torch=={torch} --index-url https://download.pytorch.org/whl/cpu" in runs
+        f"pip install --no-cache-dir {FROM_WHEELS} torch=={torch} --index-url https://download.pytorch.org/whl/cpu"
+        in runs
     )
     assert arg_defaults(COMPONENTS / "Dockerfile.cpu")["PYTHON_IMAGE"].startswith("python:3.11")
+    # a base whose torch or a wheels folder whose torch is the CUDA build fails the build
+    assert "torch.version.cuda is None" in runs
+
+
+# ---- bases and wheels as build args (no registry, no index: docs/kubernetes.md) --------------------------
+
+FROM_WHEELS = "${WHEELS:+--no-index --find-links /wheels}"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_every_base_is_a_build_arg_with_a_pinned_default(path: Path) -> None:
+    """A local base (e.g. debootstrap's, imported into buildah) replaces the registry's with --build-arg."""
+    ins = instructions(path)
+    first_from = next(i for i, (word, _) in enumerate(ins) if word == "FROM")
+    global_args = {rest.split("=", 1)[0]: rest.split("=", 1)[1] for word, rest in ins[:first_from]
+                   if word == "ARG" and "=" in rest}
+    stages = set()
+    for word, rest in ins:
+        if word != "FROM":
+            continue
+        image, *alias = rest.split()
+        m = re.fullmatch(r"\$\{(\w+)\}", image)
+        assert image in stages or (m and global_args.get(m.group(1))), f"{path.name}: FROM {rest}"
+        if alias:
+            stages.add(alias[-1])
+
+
+def test_cpu_image_installs_from_a_wheels_folder_when_given_one() -> None:
+    """WHEELS (empty by default) names a folder of the build context; it reaches the build stage alone, and
+    every pip install there then runs without an index."""
+    path = COMPONENTS / "Dockerfile.cpu"
+    ins = instructions(path)
+    build = ins[: len(ins) - len(final_stage(path))]
+    assert ("ARG", "WHEELS=") in build
+    assert ("COPY", "${WHEELS:-pyproject.toml} /wheels/") in build
+    assert not [rest for word, rest in final_stage(path) if word == "COPY" and "wheels" in rest.lower()]
+    installs = [part for word, rest in build if word == "RUN" for part in rest.split("&&") if "pip install" in part]
+    assert len(installs) == 3 and all(FROM_WHEELS in part for part in installs), installs
+    # the package's own files are named (COPY . . would carry a wheels/ folder into the layer too)
+    copies = [rest for word, rest in ins if word == "COPY"]
+    assert ". ." not in copies and "nodeseg/ nodeseg/" in copies
+
+
+@pytest.mark.parametrize(("wheels", "expected"), [("", []), ("wheels", ["--no-index", "--find-links", "/wheels"])])
+def test_the_wheels_expansion_in_the_shell(wheels: str, expected: list[str]) -> None:
+    """The build arg reaches RUN as an environment variable; the shell drops or expands the pip options."""
+    proc = subprocess.run(["sh", "-c", f'set -- {FROM_WHEELS}; for a; do echo "$a"; done'],
+                          env={"PATH": os.environ["PATH"], "WHEELS": wheels}, capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.split() == expected
 
 
 def test_gpu_base_carries_the_pinned_torch_and_checks_it() -> None:
@@ -238,6 +289,8 @@ def dockerignore() -> list[str]:
         (".dvc/cache/ab/cdef", False),
         ("k8s/overlays/gpu/secrets/s3.env", False),
         ("tests/test_pytorchjob.py", False),
+        ("wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl", True),  # air-gapped builds only
+        ("wheels/__pycache__/x.pyc", False),
         (".venv/bin/python", False),
     ],
 )
@@ -254,10 +307,12 @@ def test_the_build_context_builds_a_wheel_with_the_console_script(tmp_path: Path
         here = Path(root).relative_to(REPO).as_posix()
         prefix = "" if here == "." else here + "/"
         # do not descend into excluded folders (data/, .git/, ...) unless a '!' pattern reaches inside
+        # (and not into wheels/: the wheels an air-gapped build fetched, hundreds of MB, not the package)
         dirs[:] = [
             d
             for d in dirs
-            if in_context(prefix + d, patterns) or any(r.startswith(prefix + d + "/") for r in reincluded)
+            if (in_context(prefix + d, patterns) or any(r.startswith(prefix + d + "/") for r in reincluded))
+            and prefix + d != "wheels"
         ]
         for name in files:
             if in_context(prefix + name, patterns):
