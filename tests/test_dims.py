@@ -1,9 +1,9 @@
 """The dimension seam (issue 20, steps 0 and 2): 3-D models, 3-D signed distance and loss, 2-D unchanged.
 
-2-D bit-identity of the forward passes was checked against outputs saved before the seam (every 2-D preset
-at a fixed seed, forward and one backward, NCHW and channels-last): see the commit message. What a test can
-hold on any machine is here: the 2-D presets' state_dict keys and shapes (old checkpoints load) as hashes of
-the lists the code before the seam produced.
+2-D bit-identity of the outputs is checked against a git ref by ``python -m benchmarks.same_2d --ref REF``
+(it passes against 024460c, the commit before the seam): bit-identity holds on one machine, not across
+them. What a test can hold on any machine is here: the 2-D presets' state_dict keys and shapes (old
+checkpoints load) as hashes of the lists the code before the seam produced.
 """
 
 from __future__ import annotations
