@@ -2,6 +2,9 @@
 
 Sign convention (docs/architecture.md): φ < 0 inside, φ > 0 outside, the boundary half a pixel outside
 the last foreground pixel, so a pixel is foreground iff φ < 0.
+
+``signed_distance`` and ``signed_distance_batch`` take ``spatial_dims`` (2, the default: images; 3: volumes,
+``(D, H, W)`` masks and a (slice, row, col) ``spacing``): the same code on 2 or 3 axes.
 """
 
 from __future__ import annotations
@@ -63,16 +66,25 @@ def _is_positive_number(x: object) -> bool:
     return ok and math.isfinite(x) and x > 0  # type: ignore[arg-type, operator]
 
 
-def _check_spacing(spacing: Sequence[float] | None) -> tuple[float, float]:
+_SPACING_AXES = {2: "(row, col) with two", 3: "(slice, row, col) with three"}
+
+
+def _check_spatial_dims(spatial_dims: object) -> int:
+    ok = isinstance(spatial_dims, int) and not isinstance(spatial_dims, bool) and spatial_dims in _SPACING_AXES
+    check_arg(ok, "spatial_dims", spatial_dims, "2 (images) or 3 (volumes)")
+    return int(spatial_dims)  # type: ignore[arg-type]
+
+
+def _check_spacing(spacing: Sequence[float] | None, spatial_dims: int = 2) -> tuple[float, ...]:
     if spacing is None:
-        return (1.0, 1.0)
+        return (1.0,) * spatial_dims
     ok = (
         isinstance(spacing, Sequence | np.ndarray)
-        and len(spacing) == 2
+        and len(spacing) == spatial_dims
         and all(map(_is_positive_number, spacing))
     )
-    check_arg(ok, "spacing", spacing, "None or (row, col) with two positive finite numbers")
-    return (float(spacing[0]), float(spacing[1]))
+    check_arg(ok, "spacing", spacing, f"None or {_SPACING_AXES[spatial_dims]} positive finite numbers")
+    return tuple(float(d) for d in spacing)
 
 
 def _check_positive(value: float, name: str) -> float:
@@ -81,17 +93,19 @@ def _check_positive(value: float, name: str) -> float:
 
 
 def signed_distance(
-    mask: np.ndarray, spacing: tuple[float, float] | None = None, clip: float = 32.0
+    mask: np.ndarray, spacing: Sequence[float] | None = None, clip: float = 32.0, spatial_dims: int = 2
 ) -> np.ndarray:
-    """Signed distance φ (float32, same shape) of a 2-D binary mask: φ < 0 inside, φ > 0 outside.
+    """Signed distance φ (float32, same shape) of a 2-D binary mask (3-D with ``spatial_dims=3``): φ < 0
+    inside, φ > 0 outside.
 
     φ = EDT(background) − h on background pixels and −(EDT(foreground) − h) on foreground pixels, with
     ``scipy.ndimage.distance_transform_edt`` (``sampling=spacing`` when given, so φ is then in the units
     of ``spacing``) and h = ½·min(spacing) (½ pixel without spacing), which keeps ``mask == (φ < 0)``
     for any spacing. Clipped to ±``clip``; an empty mask gives +clip everywhere, a full one −clip.
     """
-    fg = _as_binary_mask(mask, "mask", 2)
-    sampling = _check_spacing(spacing)
+    spatial_dims = _check_spatial_dims(spatial_dims)
+    fg = _as_binary_mask(mask, "mask", spatial_dims)
+    sampling = _check_spacing(spacing, spatial_dims)
     clip = _check_positive(clip, "clip")
     if not fg.any():
         return np.full(fg.shape, clip, dtype=np.float32)
@@ -111,27 +125,31 @@ def signed_distance(
     return phi
 
 
-def _window(fg: np.ndarray, reach: float, sampling: tuple[float, float]) -> tuple[slice, slice]:
+def _window(fg: np.ndarray, reach: float, sampling: tuple[float, ...]) -> tuple[slice, ...]:
     """The bounding box of ``fg`` grown on each side by more than ``reach`` (in the units of ``sampling``)."""
     out = []
     for axis, d in enumerate(sampling):
-        idx = np.flatnonzero(fg.any(axis=1 - axis))
+        idx = np.flatnonzero(fg.any(axis=tuple(a for a in range(fg.ndim) if a != axis)))
         grow = int(math.ceil(reach / d)) + 1
         out.append(slice(max(int(idx[0]) - grow, 0), min(int(idx[-1]) + grow + 1, fg.shape[axis])))
-    return out[0], out[1]
+    return tuple(out)
 
 
 def signed_distance_batch(
-    masks: np.ndarray, spacing: tuple[float, float] | None = None, clip: float = 32.0
+    masks: np.ndarray, spacing: Sequence[float] | None = None, clip: float = 32.0, spatial_dims: int = 2
 ) -> np.ndarray:
-    """:func:`signed_distance` of each mask of a ``(B, H, W)`` or ``(B, 1, H, W)`` stack; same shape."""
+    """:func:`signed_distance` of each mask of a ``(B, H, W)`` or ``(B, 1, H, W)`` stack (``(B, D, H, W)`` or
+    ``(B, 1, D, H, W)`` with ``spatial_dims=3``); same shape."""
+    spatial_dims = _check_spatial_dims(spatial_dims)
     a = np.asarray(masks)
-    ok = a.ndim == 3 or (a.ndim == 4 and a.shape[1] == 1)
-    check_arg(ok, "masks", f"array of shape {a.shape}", "an array of shape (B, H, W) or (B, 1, H, W)")
-    flat = a.reshape((a.shape[0], *a.shape[-2:]))
+    n = spatial_dims + 1
+    ok = a.ndim == n or (a.ndim == n + 1 and a.shape[1] == 1)
+    axes = "H, W" if spatial_dims == 2 else "D, H, W"
+    check_arg(ok, "masks", f"array of shape {a.shape}", f"an array of shape (B, {axes}) or (B, 1, {axes})")
+    flat = a.reshape((a.shape[0], *a.shape[-spatial_dims:]))
     out = np.empty(flat.shape, dtype=np.float32)
     for i, m in enumerate(flat):
-        out[i] = signed_distance(m, spacing=spacing, clip=clip)
+        out[i] = signed_distance(m, spacing=spacing, clip=clip, spatial_dims=spatial_dims)
     return out.reshape(a.shape)
 
 

@@ -1,4 +1,8 @@
-"""Training loss: mean squared error between narrow-band (tanh) level sets over the valid pixels."""
+"""Training loss: mean squared error between narrow-band (tanh) level sets over the valid pixels.
+
+Images ``(B, 1, H, W)`` or volumes ``(B, 1, D, H, W)`` (a pixel is then a voxel): the reductions run over
+every axis but the batch's, so 2-D sums the same values in the same order as before volumes were allowed.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +22,18 @@ _REDUCTIONS = ("mean", "none", "sum")
 
 def _check_phi(t: Tensor, name: str) -> None:
     check_arg(isinstance(t, Tensor), name, type(t).__name__, "a torch.Tensor")
-    check_arg(t.ndim == 4 and t.shape[1] == 1, name, tuple(t.shape), "a tensor of shape (B, 1, H, W)")
+    check_arg(t.ndim in (4, 5) and t.shape[1] == 1, name, tuple(t.shape),
+              "a tensor of shape (B, 1, H, W) or (B, 1, D, H, W)")
     check_arg(t.is_floating_point(), name, t.dtype, "a floating-point tensor")
+
+
+def _all_axes(t: Tensor) -> tuple[int, ...]:
+    return tuple(range(t.ndim))
+
+
+def _sample_axes(t: Tensor) -> tuple[int, ...]:
+    """Every axis but the batch's: (1, 2, 3) for images, (1, 2, 3, 4) for volumes."""
+    return tuple(range(1, t.ndim))
 
 
 def narrow_band_mse(
@@ -36,7 +50,7 @@ def narrow_band_mse(
     being φ < 0 (:func:`balanced_mean`); ``"mean"`` pools the batch, ``"none"`` balances each sample (a
     ``"sum"`` cannot be balanced: use :func:`narrow_band_sums`).
 
-    Shapes ``(B, 1, H, W)``. ``valid`` (same shape, bool or 0/1; non-zero counts as valid) leaves padded
+    Shapes ``(B, 1, H, W)`` (or ``(B, 1, D, H, W)``). ``valid`` (same shape, bool or 0/1; non-zero counts as valid) leaves padded
     pixels out: they neither change the loss nor receive gradient, even if φ there is NaN.
     ``reduction="mean"`` pools all valid pixels of the batch (sum / valid count) into a scalar;
     ``"none"`` gives each sample's own valid-pixel mean, shape ``(B,)``; ``"sum"`` the sum over valid pixels
@@ -62,7 +76,7 @@ def narrow_band_mse(
               "'mean' or 'none' with balance=True (narrow_band_sums gives the two sums)")
     phi_true = phi_true.to(phi_pred.dtype)
     if balance:
-        dims = (0, 1, 2, 3) if reduction == "mean" else (1, 2, 3)
+        dims = _all_axes(phi_pred) if reduction == "mean" else _sample_axes(phi_pred)
         s_in, s_out, n_in, n_out = _class_sums(phi_pred, phi_true, valid, width, dims)
         return balanced_mean(s_in, s_out, n_in, n_out)
 
@@ -70,7 +84,7 @@ def narrow_band_mse(
         sq = (narrow_band(phi_pred, width) - narrow_band(phi_true, width)) ** 2
         if reduction == "sum":
             return sq.sum()
-        return sq.mean() if reduction == "mean" else sq.mean(dim=(1, 2, 3))
+        return sq.mean() if reduction == "mean" else sq.mean(dim=_sample_axes(sq))
 
     check_arg(isinstance(valid, Tensor), "valid", type(valid).__name__, "None or a torch.Tensor")
     check_arg(
@@ -91,7 +105,8 @@ def narrow_band_mse(
         return sq.sum()
     if reduction == "mean":
         return sq.sum() / keep.sum().clamp(min=1).to(sq.dtype)
-    return sq.sum(dim=(1, 2, 3)) / keep.sum(dim=(1, 2, 3)).clamp(min=1).to(sq.dtype)
+    axes = _sample_axes(sq)
+    return sq.sum(dim=axes) / keep.sum(dim=axes).clamp(min=1).to(sq.dtype)
 
 
 def _class_sums(
@@ -118,7 +133,7 @@ def narrow_band_sums(
     """
     _check_phi(phi_pred, "phi_pred")
     _check_phi(phi_true, "phi_true")
-    return _class_sums(phi_pred, phi_true.to(phi_pred.dtype), valid, width, (0, 1, 2, 3))
+    return _class_sums(phi_pred, phi_true.to(phi_pred.dtype), valid, width, _all_axes(phi_pred))
 
 
 def balanced_mean(s_in: Tensor, s_out: Tensor, n_in: Tensor | float, n_out: Tensor | float) -> Tensor:

@@ -248,30 +248,40 @@ class _CountingFunc(nn.Module):
         self._check_finite(t0, tuple(y0[1:3]) if isinstance(y0, tuple) else (y0,))  # type: ignore[arg-type]
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def is_channels_last(y: State) -> bool:
-    """Every part a 4-D tensor in channels-last memory, and not all of them NCHW-contiguous too (a tensor
-    with one channel or one pixel is both)."""
+    """Every part a 4-D tensor in channels-last memory (5-D: ``channels_last_3d``), all of one rank, and not
+    all of them NCHW-contiguous too (a tensor with one channel or one pixel is both)."""
     parts = y if isinstance(y, tuple) else (y,)
-    return all(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) for p in parts) and not all(
+    fmt = _CHANNELS_LAST.get(parts[0].dim()) if parts else None
+    return fmt is not None and all(
+        p.dim() == parts[0].dim() and p.is_contiguous(memory_format=fmt) for p in parts) and not all(
         p.is_contiguous() for p in parts)
 
 
 def _rows(y: State) -> State:
-    """(N, C, H, W) channels-last → its memory as a contiguous (N, H, W, C) view (each part of a tuple)."""
-    return tuple(p.permute(0, 2, 3, 1) for p in y) if isinstance(y, tuple) else y.permute(0, 2, 3, 1)
+    """(N, C, *S) channels-last → its memory as a contiguous (N, *S, C) view (each part of a tuple); S is
+    (H, W) or (D, H, W)."""
+    def rows(p: Tensor) -> Tensor:
+        return p.permute(0, *range(2, p.dim()), 1)
+
+    return tuple(rows(p) for p in y) if isinstance(y, tuple) else rows(y)
 
 
-def _unrows(y: State) -> State:
-    """The inverse of :func:`_rows` for (…, N, H, W, C) tensors: (…, N, C, H, W) channels-last views."""
+def _unrows(y: State, spatial_dims: int = 2) -> State:
+    """The inverse of :func:`_rows` for (…, N, *S, C) tensors with ``spatial_dims`` axes in S: (…, N, C, *S)
+    channels-last views."""
     def back(p: Tensor) -> Tensor:
-        lead = p.dim() - 4
-        return p.permute(*range(lead), lead, lead + 3, lead + 1, lead + 2)
+        lead = p.dim() - spatial_dims - 2
+        return p.permute(*range(lead), lead, p.dim() - 1, *range(lead + 1, p.dim() - 1))
 
     return tuple(back(p) for p in y) if isinstance(y, tuple) else back(y)
 
 
 class _RowsFunc(nn.Module):
-    """fθ for a solver that holds a channels-last state as (N, H, W, C) rows.
+    """fθ for a solver that holds a channels-last state as (N, H, W, C) rows ((N, D, H, W, C) in 3-D).
 
     torchdiffeq flattens a state with ``reshape(-1)``, which copies a channels-last tensor into NCHW
     order; fθ's channels-last convolutions then convert every evaluation's input back and its output
@@ -281,12 +291,13 @@ class _RowsFunc(nn.Module):
     values (the error norms sum them in another order: NFE and results agree to rounding).
     """
 
-    def __init__(self, func: nn.Module) -> None:
+    def __init__(self, func: nn.Module, spatial_dims: int = 2) -> None:
         super().__init__()
         self.func = func
+        self.spatial_dims = spatial_dims
 
     def forward(self, t: Tensor, y: State) -> State:
-        return _rows(self.func(t, _unrows(y)))
+        return _rows(self.func(t, _unrows(y, self.spatial_dims)))
 
 
 class ODESolver(nn.Module):
@@ -405,7 +416,8 @@ class ODESolver(nn.Module):
             options["norm"] = leading_norm(parts)
         self.counter.begin_forward(len(t) - 1)
         rows = is_channels_last(y0)
-        func, y = (_RowsFunc(func0), _rows(y0)) if rows else (func0, y0)
+        spatial = (y0[0] if isinstance(y0, tuple) else y0).dim() - 2
+        func, y = (_RowsFunc(func0, spatial), _rows(y0)) if rows else (func0, y0)
         try:
             if c.adjoint and torch.is_grad_enabled():
                 adjoint_options = dict(options)
@@ -431,7 +443,7 @@ class ODESolver(nn.Module):
                 )
             else:
                 out = odeint(func, y, t, rtol=c.rtol, atol=c.atol, method=method, options=options)
-            return _unrows(out) if rows else out
+            return _unrows(out, spatial) if rows else out
         except AssertionError as err:
             exc = self.counter.runaway(err)
             if exc is err:

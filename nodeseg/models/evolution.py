@@ -3,7 +3,8 @@
 All three expose ``solvers`` (their ``ODESolver`` modules) and ``nfe_forward`` / ``nfe_backward`` summed over
 them, so training can log NFE per step. Each takes ``solver`` (training, and inference unless overridden) and
 ``inference_solver`` (used in eval mode: validation, evaluate, predict; e.g. train with dopri5, infer with
-rk4 in 2 steps).
+rk4 in 2 steps). Each takes ``spatial_dims`` (2: images ``(B, C, H, W)``; 3: volumes ``(B, C, D, H, W)``,
+the same modules built from Conv3d by the factories of ``nodeseg.models.blocks``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nodeseg.errors import check_arg
-from nodeseg.models.blocks import ASPP, ConvNormAct, check_positive_int, zero_conv
+from nodeseg.models.blocks import (
+    ASPP,
+    ConvNormAct,
+    check_positive_int,
+    check_spatial_dims,
+    conv_type,
+    interpolate_mode,
+    zero_conv,
+)
 from nodeseg.models.odefunc import FuncKind, StackODEFunc, TupleStateFunc, build_odefunc
 from nodeseg.models.unet import UNet
 from nodeseg.priors import CurvatureFlow, PriorsConfig, ShapePrior, cfl_limit, priors_config, state_penalties
 from nodeseg.solve import ODESolver, SolverConfig, nfe_stats, ode_solvers
+
+__all__ = ["ContourEvolution", "ImageEvolution", "NodeStack"]
 
 
 class _NFEMixin:
@@ -48,18 +59,22 @@ def _check_times(times: Tensor) -> None:
               "times", times, "a 1-D tensor of increasing times starting at 0")
 
 
-def _encoder(in_channels: int, hidden_channels: int, norm_groups: int) -> nn.Sequential:
+def _encoder(in_channels: int, hidden_channels: int, norm_groups: int, spatial_dims: int = 2) -> nn.Sequential:
     """λ: two 3×3 ConvNormAct layers at full resolution, image → embedding h(0)."""
+    kw = dict(norm_groups=norm_groups, spatial_dims=spatial_dims)
     return nn.Sequential(
-        ConvNormAct(in_channels, hidden_channels, norm_groups=norm_groups),
-        ConvNormAct(hidden_channels, hidden_channels, norm_groups=norm_groups),
+        ConvNormAct(in_channels, hidden_channels, **kw),
+        ConvNormAct(hidden_channels, hidden_channels, **kw),
     )
 
 
-def _head(in_channels: int, hidden_channels: int, norm_groups: int, zero_init: bool) -> nn.Sequential:
+def _head(in_channels: int, hidden_channels: int, norm_groups: int, zero_init: bool,
+          spatial_dims: int = 2) -> nn.Sequential:
     """ψ: 3×3 ConvNormAct then a 1×1 conv to one channel (zero-initialised when ``zero_init``)."""
-    last = zero_conv(hidden_channels, 1) if zero_init else nn.Conv2d(hidden_channels, 1, 1)
-    return nn.Sequential(ConvNormAct(in_channels, hidden_channels, norm_groups=norm_groups), last)
+    last = (zero_conv(hidden_channels, 1, spatial_dims=spatial_dims) if zero_init
+            else conv_type(spatial_dims)(hidden_channels, 1, 1))
+    return nn.Sequential(ConvNormAct(in_channels, hidden_channels, norm_groups=norm_groups,
+                                     spatial_dims=spatial_dims), last)
 
 
 class ContourEvolution(_NFEMixin, nn.Module):
@@ -73,7 +88,8 @@ class ContourEvolution(_NFEMixin, nn.Module):
     adds ε·κ|∇φ| to dφ/dt inside the solve; with a penalty weight above 0, a training forward solves at
     t_k = k·t1/K and leaves the penalties on φ(t_k) in ``prior_penalties`` for the loop
     (``nodeseg.priors.loss_terms``); ``shape_prior`` holds the fitted shape space (a buffer: saved with the
-    weights).
+    weights). The priors are 2-D: with ``spatial_dims=3`` they must stay off. ``spatial_dims`` must be the
+    UNet's.
     """
 
     def __init__(
@@ -89,18 +105,25 @@ class ContourEvolution(_NFEMixin, nn.Module):
         solver: SolverConfig | None = None,
         inference_solver: SolverConfig | None = None,
         priors: PriorsConfig | Mapping[str, Any] | None = None,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        check_spatial_dims(spatial_dims)
         self.priors = priors_config(priors)
         check_arg(isinstance(unet, UNet), "unet", type(unet).__name__, "a nodeseg UNet")
+        check_arg(unet.spatial_dims == spatial_dims, "unet", f"a {unet.spatial_dims}-D UNet",
+                  f"a {spatial_dims}-D UNet (spatial_dims={spatial_dims})")
+        check_arg(spatial_dims == 2 or not self.priors.enabled, "priors", "enabled",
+                  "all off with spatial_dims=3 (curvature and the penalties are 2-D)")
         check_positive_int("hidden_channels", hidden_channels)
+        self.spatial_dims = spatial_dims
         self.unet = unet.requires_grad_(False).eval()
         check_arg(unet.out_channels == 1, "unet", f"a UNet with out_channels={unet.out_channels}",
                   "a UNet with out_channels=1 (it predicts φ)")
-        self.encoder = _encoder(unet.in_channels, hidden_channels, norm_groups)
+        self.encoder = _encoder(unet.in_channels, hidden_channels, norm_groups, spatial_dims)
         inner = build_odefunc(func, 1 + hidden_channels, func_channels=func_channels, func_layers=func_layers,
                               func_depth=func_depth, func_max_channels=func_max_channels,
-                              norm_groups=norm_groups)
+                              norm_groups=norm_groups, spatial_dims=spatial_dims)
         func: nn.Module = TupleStateFunc(inner, (1, hidden_channels))
         pri = self.priors
         if pri.curvature_on:
@@ -108,7 +131,8 @@ class ContourEvolution(_NFEMixin, nn.Module):
             cap = cfl_limit(cfg.fixed_step, cfg.step_size, cfg.first_step, cfg.t1)
             func = CurvatureFlow(func, pri.curvature, learn=pri.learn_curvature, cap=cap, floor=pri.grad_floor)
         self.solver = ODESolver(func, solver, inference_solver)
-        self.head = _head(1 + hidden_channels, hidden_channels, norm_groups, zero_init=True)
+        self.head = _head(1 + hidden_channels, hidden_channels, norm_groups, zero_init=True,
+                          spatial_dims=spatial_dims)
         if pri.shape > 0:
             self.shape_prior = ShapePrior()
         self.prior_penalties: dict[str, Tensor] = {}
@@ -119,7 +143,8 @@ class ContourEvolution(_NFEMixin, nn.Module):
         return self
 
     def forward(self, image: Tensor, phi0: Tensor | None = None, times: Tensor | None = None) -> Tensor:
-        """φ̂ ``(B, 1, H, W)``; with ``times`` the predictions φ(t) + ψ(γ(t)) stacked ``(T, B, 1, H, W)``."""
+        """φ̂ ``(B, 1, *S)``, S = (H, W) or (D, H, W); with ``times`` the predictions φ(t) + ψ(γ(t))
+        stacked ``(T, B, 1, *S)``."""
         if phi0 is None:
             with torch.no_grad():
                 phi0 = self.unet(image)
@@ -165,19 +190,22 @@ class ImageEvolution(_NFEMixin, nn.Module):
         norm_groups: int = 8,
         solver: SolverConfig | None = None,
         inference_solver: SolverConfig | None = None,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        check_spatial_dims(spatial_dims)
         check_positive_int("in_channels", in_channels)
         check_positive_int("hidden_channels", hidden_channels)
-        self.encoder = _encoder(in_channels, hidden_channels, norm_groups)
+        self.spatial_dims = spatial_dims
+        self.encoder = _encoder(in_channels, hidden_channels, norm_groups, spatial_dims)
         inner = build_odefunc(func, hidden_channels, func_channels=func_channels, func_layers=func_layers,
                               func_depth=func_depth, func_max_channels=func_max_channels,
-                              norm_groups=norm_groups)
+                              norm_groups=norm_groups, spatial_dims=spatial_dims)
         self.solver = ODESolver(inner, solver, inference_solver)
-        self.head = _head(hidden_channels, hidden_channels, norm_groups, zero_init=False)
+        self.head = _head(hidden_channels, hidden_channels, norm_groups, zero_init=False, spatial_dims=spatial_dims)
 
     def forward(self, image: Tensor, times: Tensor | None = None) -> Tensor:
-        """φ̂ ``(B, 1, H, W)``; with ``times`` the predictions ψ(h(t)) stacked ``(T, B, 1, H, W)``."""
+        """φ̂ ``(B, 1, *S)``; with ``times`` the predictions ψ(h(t)) stacked ``(T, B, 1, *S)``."""
         if times is not None:
             _check_times(times)
         h_t = self.solver(self.encoder(image), times)
@@ -192,7 +220,7 @@ class NodeStack(_NFEMixin, nn.Module):
     λ (stem: two stride-2 3×3 ConvNormAct, output stride 4) → for each stage i: a transition (ConvNormAct,
     3×3 stride 2 when ``stage_strides[i]`` is 2, else 1×1; identity when channels and stride are unchanged) and one
     NODE block whose fθ is ``StackODEFunc`` (grouped convs + LayerNorm + SE, time-conditioned, zero-init
-    output) → ASPP → ψ (3×3 ConvNormAct, 1×1 conv) → bilinear upsampling to the input size.
+    output) → ASPP → ψ (3×3 ConvNormAct, 1×1 conv) → bilinear (3-D: trilinear) upsampling to the input size.
     """
 
     def __init__(
@@ -209,8 +237,10 @@ class NodeStack(_NFEMixin, nn.Module):
         norm_groups: int = 8,
         solver: SolverConfig | None = None,
         inference_solver: SolverConfig | None = None,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        check_spatial_dims(spatial_dims)
         check_positive_int("in_channels", in_channels)
         check_positive_int("stem_channels", stem_channels)
         check_arg(len(stage_channels) > 0, "stage_channels", stage_channels, "a non-empty tuple of ints > 0")
@@ -221,7 +251,8 @@ class NodeStack(_NFEMixin, nn.Module):
         check_arg(isinstance(width_ratio, (int, float)) and width_ratio > 0, "width_ratio", width_ratio,
                   "a number > 0")
         check_positive_int("aspp_channels", aspp_channels)
-        kw = dict(norm_groups=norm_groups)
+        self.spatial_dims = spatial_dims
+        kw = dict(norm_groups=norm_groups, spatial_dims=spatial_dims)
         self.stem = nn.Sequential(
             ConvNormAct(in_channels, stem_channels, stride=2, **kw),
             ConvNormAct(stem_channels, stem_channels, stride=2, **kw),
@@ -234,16 +265,18 @@ class NodeStack(_NFEMixin, nn.Module):
             k = 3 if s == 2 else 1
             self.transitions.append(nn.Identity() if same else ConvNormAct(prev, c, k, stride=s, **kw))
             width = int(round(c * width_ratio))
-            func = StackODEFunc(c, width, groups=groups, se_reduction=se_reduction, norm_groups=norm_groups)
+            func = StackODEFunc(c, width, groups=groups, se_reduction=se_reduction, norm_groups=norm_groups,
+                                spatial_dims=spatial_dims)
             self.blocks.append(ODESolver(func, solver, inference_solver))
             prev = c
         self.aspp = ASPP(prev, aspp_channels, tuple(aspp_rates), **kw)
-        self.head = _head(aspp_channels, aspp_channels, norm_groups, zero_init=False)
+        self.head = _head(aspp_channels, aspp_channels, norm_groups, zero_init=False, spatial_dims=spatial_dims)
 
     def forward(self, image: Tensor) -> Tensor:
-        """φ̂ ``(B, 1, H, W)``."""
+        """φ̂ ``(B, 1, *S)``."""
         x = self.stem(image)
         for transition, block in zip(self.transitions, self.blocks, strict=True):
             x = block(transition(x))[-1]
         out = self.head(self.aspp(x))
-        return F.interpolate(out, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(out, size=image.shape[-self.spatial_dims:], mode=interpolate_mode(self.spatial_dims),
+                             align_corners=False)

@@ -1,4 +1,8 @@
-"""Model specs: the plain-data description stored in every checkpoint, and rebuilding a model from one."""
+"""Model specs: the plain-data description stored in every checkpoint, and rebuilding a model from one.
+
+A spec's ``spatial_dims`` is its preset's (2 unless a ``*3d*`` preset) or ``sizes['spatial_dims']``; a 2-D
+spec, and so every checkpoint written before 3-D models existed, holds no such key and rebuilds as it was.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from torch import nn
 from nodeseg.config import to_mapping
 from nodeseg.data.readers import READERS
 from nodeseg.errors import InputError
+from nodeseg.models.presets import PRESETS, preset_spatial_dims
 from nodeseg.models.registry import KINDS, build_model
 from nodeseg.solve import SolverConfig
 from nodeseg.train import checkpoint as ckpt
@@ -51,6 +56,17 @@ def input_shape(spec: dict[str, Any]) -> tuple[int, int]:
     prep = spec.get("preprocessing", {})
     reader = READERS.get(prep.get("source") or "kits19", READERS["kits19"])()
     return int(sizes.get("in_channels", 1)), reader.input_side(prep)
+
+
+def spec_spatial_dims(spec: dict[str, Any]) -> int:
+    """2 or 3: the dims of the images the model of ``spec`` takes (``(B, C, H, W)`` or ``(B, C, D, H, W)``)."""
+    sizes = spec.get("sizes", {})
+    if "spatial_dims" in sizes:
+        return int(sizes["spatial_dims"])
+    preset = spec.get("preset")
+    if preset is not None and preset in PRESETS.get(spec.get("kind", ""), {}):
+        return preset_spatial_dims(spec["kind"], preset)
+    return 2
 
 
 def build_from_spec(spec: dict[str, Any]) -> nn.Module:
