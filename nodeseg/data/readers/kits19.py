@@ -27,8 +27,8 @@ from nodeseg.data.kits19 import (
     take_slices,
 )
 from nodeseg.data.readers.base import ItemResult, PhiFn, Reader
-from nodeseg.data.shardio import SliceRecord
 from nodeseg.data.render import synthesize_imaging
+from nodeseg.data.shardio import SliceRecord
 from nodeseg.data.transforms import resize_image, resize_mask
 from nodeseg.levelset import signed_distance
 
